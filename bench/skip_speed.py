@@ -1,0 +1,152 @@
+"""Does skipping pay? Latency of the compact executor vs budget, and vs the masked reference.
+
+For each model, batch size and budget: median latency of the compact executor, its ratio to
+budget 1.0 and to the masked reference (which computes every channel and multiplies by the
+mask), the executed-MAC ratio, and the share of time spent in the gates. Configurations are
+timed round-robin, so drift on a shared machine hits them all alike.
+
+    python bench/skip_speed.py                       # CPU, batch 1 and 32, printed table
+    python bench/skip_speed.py --json out.json --device cuda --batch 1 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import torch
+
+from models.checkpoint import load_checkpoint
+from models.registry import FACTORIES, compact
+
+MODELS = {
+    "acs_densenet40": lambda: FACTORIES["acs_densenet40"](gate="acs"),
+    "acs_densenet40_cheap": lambda: FACTORIES["acs_densenet40"](gate="cheap"),
+    "densenet40": lambda: FACTORIES["densenet40"](),
+    "g_resnext29": lambda: FACTORIES["g_resnext29"](gate="acs"),
+}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+class GateTimer:
+    """Wraps the executor's gate steps and sums the time spent in them."""
+
+    def __init__(self, executor, device) -> None:
+        self.total = 0.0
+        for step in executor.steps:
+            if step.gate is not None:
+                step.gate = self._wrap(step.gate, device)
+
+    def _wrap(self, fn, device):
+        def timed(state):
+            sync(device)
+            start = time.perf_counter()
+            out = fn(state)
+            sync(device)
+            self.total += time.perf_counter() - start
+            return out
+        return timed
+
+
+def load(name: str, device: torch.device):
+    if name in MODELS:
+        return MODELS[name]().to(device).eval()
+    return load_checkpoint(name, device).model  # a checkpoint folder
+
+
+def measure(args) -> list[dict]:
+    device = torch.device(args.device)
+    rows = []
+    for name in args.models:
+        model = load(name, device)
+        executor = compact(model)
+        timer = GateTimer(executor, device)
+        budgets = sorted({min(max(b, model.floor()), 1.0) for b in args.budgets}
+                         | ({model.floor()} if model.gated else set()), reverse=True)
+        if not model.gated:
+            budgets = [1.0]
+        for batch in args.batch:
+            x = torch.randn(batch, 3, args.size, args.size, device=device)
+            configs = [("reference", 1.0)] + [("compact", b) for b in budgets]
+            times = {c: [] for c in configs}
+            gate_times = {c: [] for c in configs}
+
+            def call(kind, b, model=model, executor=executor, x=x):
+                if kind == "reference":
+                    with torch.no_grad():
+                        return model(x, budget=b, policy=args.policy)
+                return executor(x, budget=b, policy=args.policy)
+
+            for c in configs:
+                for _ in range(args.warmup):
+                    call(*c)
+            repeats = args.repeat if batch < 16 else max(3, args.repeat // 4)
+            for _ in range(repeats):
+                for c in configs:
+                    timer.total = 0.0
+                    sync(device)
+                    start = time.perf_counter()
+                    call(*c)
+                    sync(device)
+                    times[c].append(time.perf_counter() - start)
+                    gate_times[c].append(timer.total)
+            ref_ms = statistics.median(times[configs[0]]) * 1e3
+            full_ms = statistics.median(times[("compact", budgets[0])]) * 1e3
+            for c in configs[1:]:
+                _, info = executor(x, budget=c[1], policy=args.policy, return_info=True)
+                ms = statistics.median(times[c]) * 1e3
+                rows.append({
+                    "model": name, "device": str(device), "batch": batch, "policy": args.policy,
+                    "budget": round(c[1], 4), "mac_ratio": round(float(info.cost.ratio.mean()), 4),
+                    "ms": round(ms, 3), "vs_budget_1": round(ms / full_ms, 3),
+                    "vs_reference": round(ms / ref_ms, 3), "reference_ms": round(ref_ms, 3),
+                    "gate_share": round(statistics.median(gate_times[c]) * 1e3 / ms, 3),
+                    "images_per_s": round(batch / ms * 1e3, 1),
+                })
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    head = ("model", "device", "batch", "budget", "mac_ratio", "ms", "vs_budget_1",
+            "vs_reference", "gate_share", "images_per_s")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(str(r[h]) for h in head) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="+", default=["acs_densenet40", "acs_densenet40_cheap",
+                                                        "densenet40"],
+                        help=f"names ({', '.join(MODELS)}) or checkpoint folders")
+    parser.add_argument("--budgets", nargs="+", type=float, default=[1.0, 0.75, 0.5, 0.25])
+    parser.add_argument("--batch", nargs="+", type=int, default=[1, 32])
+    parser.add_argument("--policy", default="topk", choices=["threshold", "topk", "cap"])
+    parser.add_argument("--size", type=int, default=32)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (CPU)")
+    parser.add_argument("--repeat", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--json", help="write the rows and the machine here")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    rows = measure(args)
+    print(table(rows))
+    if args.json:
+        meta = {"torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+                "threads": args.threads, "cuda": torch.cuda.get_device_name()
+                if torch.cuda.is_available() else None}
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

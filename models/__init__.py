@@ -1,0 +1,1 @@
+"""ACS networks, gates, DGConv, budget policies, MAC accounting and fast execution."""

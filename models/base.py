@@ -1,0 +1,139 @@
+"""What every gated network shares: per-call budgets, calibration table, cost, uniform table."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .budget import BudgetPlan, CalibrationTable, uniform_counts
+from .dgconv import DGConv2d
+from .macs import Cost
+
+DEFAULT_GRID_STEP = 0.05
+
+
+@dataclass
+class ForwardInfo:
+    """What a forward call decided and what it cost."""
+
+    plan: BudgetPlan
+    masks: list[torch.Tensor]  # per gated layer, (B, C_l); float with STE gradients in training
+    scores: list[torch.Tensor]  # per gated layer, (B, C_l) gate scores
+    cost: Cost
+
+
+def masks_from_counts(counts: list[int], totals: list[int], groups: list[int]) -> list[torch.Tensor]:
+    """One sample's masks keeping the first count/groups channels of every group."""
+    masks = []
+    for count, total, g in zip(counts, totals, groups, strict=True):
+        size = total // g
+        keep = torch.arange(size) < count // g
+        masks.append(keep.repeat(g)[None])
+    return masks
+
+
+class GatedNetwork(nn.Module):
+    """Base of the ACS networks; `budget` is a per-call argument, never module state."""
+
+    input_size: int = 32
+
+    def gated_totals(self) -> list[int]:
+        """Channels of each gated layer, in execution order."""
+        raise NotImplementedError
+
+    def gated_groups(self) -> list[int]:
+        """Channel groups of each gated layer (kept counts are per group)."""
+        return [1] * len(self.gated_totals())
+
+    def macs(self, masks: list[torch.Tensor], height: int, width: int, batch: int = 1) -> Cost:
+        """Cost of running the given per-layer keep-masks (B, C_l) on a height x width input.
+
+        `batch` is used only when there are no masks (an ungated network).
+        """
+        raise NotImplementedError
+
+    def run(self, x: torch.Tensor, plan: BudgetPlan) -> tuple[torch.Tensor, list, list]:
+        """Masked reference execution: (logits, masks, scores)."""
+        raise NotImplementedError
+
+    @property
+    def gated(self) -> bool:
+        return bool(self.gated_totals())
+
+    @property
+    def table(self) -> CalibrationTable:
+        if getattr(self, "_table", None) is None:
+            self._table = self.uniform_table()
+        return self._table
+
+    @table.setter
+    def table(self, table: CalibrationTable) -> None:
+        totals = len(self.gated_totals())
+        if any(len(c) != totals for c in table.counts):
+            raise ValueError(f"calibration table has counts for the wrong number of layers "
+                             f"(network has {totals} gated layers)")
+        self._table = table
+
+    def plan(self, budget, policy: str, batch: int, device) -> BudgetPlan:
+        return BudgetPlan.resolve(self.table, budget, policy, batch, device)
+
+    def forward(self, x: torch.Tensor, budget: float | torch.Tensor | None = None,
+                policy: str = "threshold", return_info: bool = False):
+        """Logits for x at the given budget(s); with return_info, also masks and cost."""
+        plan = self.plan(budget, policy, x.shape[0], x.device)
+        logits, masks, scores = self.run(x, plan)
+        if not return_info:
+            return logits
+        hard = [(m.detach() > 0) for m in masks]
+        return logits, ForwardInfo(plan, masks, scores, self.macs(hard, *x.shape[-2:], batch=x.shape[0]))
+
+    def count_cost(self, counts: list[int], height: int | None = None,
+                   width: int | None = None) -> Cost:
+        """Cost of one sample keeping `counts` channels per gated layer."""
+        h = height or self.input_size
+        w = width or self.input_size
+        return self.macs(masks_from_counts(counts, self.gated_totals(), self.gated_groups()), h, w)
+
+    def floor(self) -> float:
+        """Executed-MAC ratio with every gated channel skipped, at the native input size."""
+        return float(self.count_cost([0] * len(self.gated_totals())).ratio[0])
+
+    def uniform_table(self, step: float = DEFAULT_GRID_STEP) -> CalibrationTable:
+        """A data-free table: every layer keeps the same fraction r(b); tau(b) = 1 - r(b)."""
+        totals, groups = self.gated_totals(), self.gated_groups()
+        if not totals:
+            return CalibrationTable([1.0], [0.0], [[]], 1.0, "dense")
+        floor = self.floor()
+
+        # Uniform counts change only at these ratios; the cost grows with the ratio.
+        ratios = sorted({c * g / t for t, g in zip(totals, groups, strict=True)
+                         for c in range(t // g + 1)})
+
+        @functools.cache
+        def cost(i: int) -> float:
+            return float(self.count_cost(uniform_counts(totals, groups, ratios[i])).ratio[0])
+
+        budgets = [floor] + [b for b in _grid(step) if b > floor + 1e-6]
+        taus, counts = [], []
+        for b in budgets:
+            lo, hi = 0, len(ratios) - 1  # the largest i with cost(i) <= b; cost(0) is the floor
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                lo, hi = (mid, hi) if cost(mid) <= b + 1e-9 else (lo, mid - 1)
+            r = ratios[lo]
+            counts.append(uniform_counts(totals, groups, r))
+            taus.append(1.0 - r)
+        return CalibrationTable(budgets, taus, counts, floor, "uniform")
+
+    def regularizer(self) -> torch.Tensor:
+        """Sum over DGConv layers of their non-zeros of U over C^2 (0 when there are none)."""
+        terms = [m.regularizer() / m.channels**2 for m in self.modules() if isinstance(m, DGConv2d)]
+        return torch.stack(terms).sum() if terms else torch.zeros(())
+
+
+def _grid(step: float) -> list[float]:
+    n = round(1 / step)
+    return [round(i * step, 6) for i in range(1, n + 1)]

@@ -1,0 +1,140 @@
+"""Budget policies: turn a per-request compute budget into per-layer channel masks.
+
+`budget` in [0, 1] is the fraction of the dense network's MACs a request may use (gates
+included). Below the network's floor it is clamped to the floor.
+
+- threshold: keep channels whose score >= tau(b); input-adaptive, tracks b on average.
+- topk: keep the best counts_l(b) channels of each layer; the same cost for every request.
+- cap: threshold, but never more than topk keeps per layer (and group), so no request
+  costs more than b; the best scores are kept first.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+POLICIES = ("threshold", "topk", "cap")
+
+
+@dataclass
+class CalibrationTable:
+    """budget -> (tau, per-layer kept counts); monotone; stored with the weights."""
+
+    budgets: list[float]
+    taus: list[float]
+    counts: list[list[int]]
+    floor: float
+    source: str = "uniform"
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        n = len(self.budgets)
+        if n == 0 or len(self.taus) != n or len(self.counts) != n:
+            raise ValueError("calibration table: budgets, taus and counts must have one entry each")
+        if any(b2 <= b1 for b1, b2 in zip(self.budgets, self.budgets[1:], strict=False)):
+            raise ValueError("calibration table: budgets must be strictly increasing")
+        if any(t2 > t1 for t1, t2 in zip(self.taus, self.taus[1:], strict=False)):
+            raise ValueError("calibration table: tau must not increase with the budget")
+        for c1, c2 in zip(self.counts, self.counts[1:], strict=False):
+            if len(c1) != len(c2) or any(b < a for a, b in zip(c1, c2, strict=True)):
+                raise ValueError("calibration table: counts must not decrease with the budget")
+        if not 0.0 < self.floor <= 1.0:
+            raise ValueError(f"calibration table: floor {self.floor} is not in (0, 1]")
+
+    def clamp(self, budget: torch.Tensor) -> torch.Tensor:
+        """Effective budget: the request's budget clamped to [floor, 1]."""
+        return budget.clamp(min=self.floor, max=1.0)
+
+    def tau(self, budget: torch.Tensor) -> torch.Tensor:
+        """Threshold for each (effective) budget, interpolated linearly between grid points."""
+        grid = torch.tensor(self.budgets, dtype=torch.float64)
+        taus = torch.tensor(self.taus, dtype=torch.float64)
+        b = budget.double().cpu().clamp(grid[0], grid[-1])
+        hi = torch.searchsorted(grid, b).clamp(1, len(grid) - 1) if len(grid) > 1 else None
+        if hi is None:
+            return taus.expand_as(b).float().to(budget.device)
+        lo = hi - 1
+        w = (b - grid[lo]) / (grid[hi] - grid[lo])
+        return (taus[lo] + w * (taus[hi] - taus[lo])).float().to(budget.device)
+
+    def layer_counts(self, budget: torch.Tensor) -> torch.Tensor:
+        """Per-layer counts (B, L) of the largest grid budget <= each budget (cost <= b)."""
+        rows = [max(bisect.bisect_right(self.budgets, float(b) + 1e-9) - 1, 0) for b in budget]
+        return torch.tensor([self.counts[r] for r in rows], dtype=torch.long, device=budget.device)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> CalibrationTable:
+        return cls(**data)
+
+
+def as_budget(budget: float | torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
+    """A (B,) float tensor of budgets from a float, a tensor of one or B values, or None (1.0)."""
+    if budget is None:
+        budget = 1.0
+    b = torch.as_tensor(budget, dtype=torch.float32, device=device).flatten()
+    if b.numel() == 1:
+        b = b.expand(batch)
+    if b.numel() != batch:
+        raise ValueError(f"got {b.numel()} budgets for a batch of {batch}")
+    if not torch.isfinite(b).all() or (b < 0).any() or (b > 1).any():
+        raise ValueError("budget must be a finite number in [0, 1]")
+    return b
+
+
+@dataclass
+class BudgetPlan:
+    """One forward call's resolved budgets: what every gated layer should keep."""
+
+    policy: str
+    requested: torch.Tensor
+    effective: torch.Tensor
+    tau: torch.Tensor
+    counts: torch.Tensor
+
+    @classmethod
+    def resolve(cls, table: CalibrationTable, budget, policy: str, batch: int,
+                device: torch.device) -> BudgetPlan:
+        if policy not in POLICIES:
+            raise ValueError(f"unknown policy {policy!r}; expected one of {list(POLICIES)}")
+        requested = as_budget(budget, batch, device)
+        effective = table.clamp(requested)
+        return cls(policy, requested, effective, table.tau(effective),
+                   table.layer_counts(effective))
+
+    def select(self, layer: int, scores: torch.Tensor, groups: int = 1) -> torch.Tensor:
+        """Boolean keep-mask (B, C) for gated layer `layer` from its gate scores (B, C)."""
+        if self.policy == "threshold":
+            return scores >= self.tau[:, None]
+        batch, channels = scores.shape
+        grouped = scores.reshape(batch, groups, channels // groups)
+        per_group = self.counts[:, layer] // groups
+        if batch == 1 or (per_group == per_group[0]).all():
+            best = grouped.topk(int(per_group[0]), -1).indices
+            keep = torch.zeros_like(grouped, dtype=torch.bool).scatter_(-1, best, True)
+            keep = keep.reshape(batch, channels)
+        else:
+            ranks = grouped.argsort(-1, descending=True).argsort(-1)
+            keep = (ranks < per_group[:, None, None]).reshape(batch, channels)
+        if self.policy == "cap":
+            keep &= scores >= self.tau[:, None]
+        return keep
+
+    def rows(self, index: torch.Tensor) -> BudgetPlan:
+        """The plan for a subset of the batch."""
+        return BudgetPlan(self.policy, self.requested[index], self.effective[index],
+                          self.tau[index], self.counts[index])
+
+
+def uniform_counts(totals: list[int], groups: list[int], ratio: float) -> list[int]:
+    """Keep `ratio` of each layer's channels, rounded down to a multiple of its groups."""
+    return [int(math.floor(ratio * t / g + 1e-9)) * g for t, g in zip(totals, groups, strict=True)]

@@ -1,0 +1,88 @@
+"""Compact inference: skipped channels are never computed.
+
+A network's compact executor is a list of steps over a batch state (a dict of batch-first
+tensors). A gated step decides its keep-mask, then computes only the kept channels. Samples
+that keep the same number of channels run together (one batched/grouped op per layer);
+when a gated layer's counts differ across the batch, the batch splits into groups of equal
+counts, each running on by itself. `per_sample=True` runs every sample alone instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .base import ForwardInfo, GatedNetwork
+from .budget import BudgetPlan
+
+State = dict
+
+
+def rows_of(state: State, index: torch.Tensor) -> State:
+    """The state of a subset of the batch."""
+    return {k: v[index] if isinstance(v, torch.Tensor) else v for k, v in state.items()}
+
+
+@dataclass
+class Step:
+    """One stage of compact execution. Gated steps also score, select and key their masks."""
+
+    apply: callable  # (state, keep or None) -> state
+    gate: callable | None = None  # state -> scores (B, C)
+    gated_index: int = -1
+    groups: int = 1
+    key: callable | None = None  # keep (B, C) -> (B,) shape key; equal keys batch together
+
+
+class CompactExecutor:
+    """Runs a network's compact steps with the network's budget policies."""
+
+    def __init__(self, model: GatedNetwork, steps: list[Step]) -> None:
+        self.model = model
+        self.steps = steps
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, budget=None, policy: str = "threshold",
+                 return_info: bool = False, per_sample: bool = False):
+        plan = self.model.plan(budget, policy, x.shape[0], x.device)
+        state = {"x": x}
+        if per_sample and x.shape[0] > 1:
+            logits, masks = self._split(state, plan, 0, None, torch.arange(x.shape[0]))
+        else:
+            logits, masks = self._execute(state, plan, 0, None)
+        if not return_info:
+            return logits
+        return logits, ForwardInfo(plan, masks, [], self.model.macs(masks, *x.shape[-2:], batch=x.shape[0]))
+
+    def _execute(self, state: State, plan: BudgetPlan, pos: int, keep: torch.Tensor | None):
+        masks = []
+        for i in range(pos, len(self.steps)):
+            step = self.steps[i]
+            if step.gate is not None:
+                if keep is None:
+                    keep = plan.select(step.gated_index, step.gate(state), step.groups)
+                    key = step.key(keep)
+                    if (key != key[0]).any():
+                        logits, rest = self._split(state, plan, i, keep, key)
+                        return logits, masks + rest
+                masks.append(keep)
+            state = step.apply(state, keep)
+            keep = None
+        return state["logits"], masks
+
+    def _split(self, state: State, plan: BudgetPlan, pos: int, keep, key: torch.Tensor):
+        """Run each group of samples with equal `key` on its own from step `pos`; reassemble."""
+        logits, masks = None, None
+        for value in key.unique():
+            rows = (key == value).nonzero().flatten()
+            sub_keep = None if keep is None else keep[rows]
+            sub_logits, sub_masks = self._execute(rows_of(state, rows), plan.rows(rows), pos,
+                                                  sub_keep)
+            if logits is None:
+                logits = sub_logits.new_empty(key.shape[0], *sub_logits.shape[1:])
+                masks = [m.new_empty(key.shape[0], *m.shape[1:]) for m in sub_masks]
+            logits[rows] = sub_logits
+            for full, part in zip(masks, sub_masks, strict=True):
+                full[rows] = part
+        return logits, masks
