@@ -2,7 +2,8 @@
 
 For each model, batch size and budget: median latency of the compact executor, its ratio to
 budget 1.0 and to the masked reference (which computes every channel and multiplies by the
-mask), the executed-MAC ratio, and the share of time spent in the gates. Configurations are
+mask), the executed-MAC ratio, the share of time spent in the gates, and for batches the
+latency of running every sample alone (per_sample_ms) instead of batched/grouped ops. Configurations are
 timed round-robin, so drift on a shared machine hits them all alike.
 
     python bench/skip_speed.py                       # CPU, batch 1 and 32, printed table
@@ -75,6 +76,8 @@ def measure(args) -> list[dict]:
         for batch in args.batch:
             x = torch.randn(batch, 3, args.size, args.size, device=device)
             configs = [("reference", 1.0)] + [("compact", b) for b in budgets]
+            if batch > 1:
+                configs += [("per_sample", b) for b in budgets]
             times = {c: [] for c in configs}
             gate_times = {c: [] for c in configs}
 
@@ -82,7 +85,7 @@ def measure(args) -> list[dict]:
                 if kind == "reference":
                     with torch.no_grad():
                         return model(x, budget=b, policy=args.policy)
-                return executor(x, budget=b, policy=args.policy)
+                return executor(x, budget=b, policy=args.policy, per_sample=kind == "per_sample")
 
             for c in configs:
                 for _ in range(args.warmup):
@@ -99,9 +102,10 @@ def measure(args) -> list[dict]:
                     gate_times[c].append(timer.total)
             ref_ms = statistics.median(times[configs[0]]) * 1e3
             full_ms = statistics.median(times[("compact", budgets[0])]) * 1e3
-            for c in configs[1:]:
+            for c in configs[1 : len(budgets) + 1]:
                 _, info = executor(x, budget=c[1], policy=args.policy, return_info=True)
                 ms = statistics.median(times[c]) * 1e3
+                per_sample = times.get(("per_sample", c[1]))
                 rows.append({
                     "model": name, "device": str(device), "batch": batch, "policy": args.policy,
                     "budget": round(c[1], 4), "mac_ratio": round(float(info.cost.ratio.mean()), 4),
@@ -109,13 +113,15 @@ def measure(args) -> list[dict]:
                     "vs_reference": round(ms / ref_ms, 3), "reference_ms": round(ref_ms, 3),
                     "gate_share": round(statistics.median(gate_times[c]) * 1e3 / ms, 3),
                     "images_per_s": round(batch / ms * 1e3, 1),
+                    "per_sample_ms": round(statistics.median(per_sample) * 1e3, 3)
+                    if per_sample else None,
                 })
     return rows
 
 
 def table(rows: list[dict]) -> str:
     head = ("model", "device", "batch", "budget", "mac_ratio", "ms", "vs_budget_1",
-            "vs_reference", "gate_share", "images_per_s")
+            "vs_reference", "gate_share", "images_per_s", "per_sample_ms")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(str(r[h]) for h in head) + " |" for r in rows]
     return "\n".join(lines)

@@ -1,10 +1,11 @@
 """Compact execution of an ACS DenseNet.
 
 Each dense block writes into one preallocated concatenation buffer that holds only the
-channels computed so far (`present`, ascending global indices). A consumer's BN+ReLU maps a
-skipped (zero) channel to the constant relu(shift); its 1x1 convolution (or the classifier)
-reads only the present channels and folds the skipped ones' constants into a bias. BN after
-a convolution is folded into its weights once, at construction.
+channels computed so far (`present`, ascending global indices), beside a buffer of their
+spatial means (what a cheap gate reads, so it never re-pools the whole concatenation). A
+consumer's BN+ReLU maps a skipped (zero) channel to the constant relu(shift); its 1x1
+convolution (or the classifier) reads only the present channels and folds the skipped ones'
+constants into its bias. BN after a convolution is folded into its weights once.
 """
 
 from __future__ import annotations
@@ -14,52 +15,98 @@ import torch.nn.functional as F
 
 from .compact import CompactExecutor, State, Step
 from .densenet import ACSDenseNet
-from .gather import conv1x1_gathered, conv_rows_gathered, linear_gathered
+from .gates import ACSGate, CheapGate
+from .gather import conv1x1_gathered, conv_rows_gathered, gather_rows, linear_gathered
+
+
+def bn_stats(bn: torch.nn.BatchNorm2d) -> torch.Tensor:
+    """(4, C): running mean, running var, weight, bias of a BatchNorm."""
+    return torch.stack([bn.running_mean, bn.running_var, bn.weight, bn.bias]).detach()
 
 
 def bn_affine(bn: torch.nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, shift) of an eval-mode BatchNorm."""
-    stats = [t.detach() for t in (bn.running_mean, bn.running_var, bn.weight, bn.bias)]
-    return bn_affine_tensors(stats, bn.eps)
-
-
-def bn_affine_tensors(stats: list[torch.Tensor], eps: float, index: torch.Tensor | None = None):
-    """(scale, shift) from BN (mean, var, weight, bias), optionally gathered at `index`."""
-    mean, var, weight, bias = stats if index is None else [t[index] for t in stats]
-    scale = weight / torch.sqrt(var + eps)
+    mean, var, weight, bias = bn_stats(bn)
+    scale = weight / torch.sqrt(var + bn.eps)
     return scale, bias - mean * scale
 
 
 class _Consumer:
-    """BN -> ReLU -> linear map over a block's present channels, skipped ones folded to a bias."""
+    """BN -> ReLU -> [pool] -> linear map over a block's present channels; the skipped
+    channels' constants are folded into the bias."""
 
-    def __init__(self, bn, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
-        self.bn = [t.detach() for t in (bn.running_mean, bn.running_var, bn.weight, bn.bias)]
-        self.eps = bn.eps
+    def __init__(self, bn, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                 pool=None) -> None:
+        self.stats, self.eps = bn_stats(bn), bn.eps
         self.const = F.relu(bn_affine(bn)[1])
-        self.weight = weight
-        self.bias = torch.zeros(weight.shape[0]) if bias is None else bias
+        self.weight = weight.detach()
+        self.bias = torch.zeros(weight.shape[0]) if bias is None else bias.detach()
+        self.full_bias = self.bias + self.weight @ self.const  # every channel skipped
         self.channels = weight.shape[1]
+        self.pool = pool or (lambda y: y)
 
-    def normalize(self, x: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-        """BN + ReLU of the present channels x (B, n, H, W); one sample or a shared index."""
-        stats = self.bn
-        if x.shape[1] < self.channels:
-            if present.shape[0] > 1 and (present != present[:1]).any():
-                scale, shift = bn_affine_tensors(stats, self.eps, present)
-                return torch.addcmul(shift[..., None, None], x, scale[..., None, None]).relu_()
-            stats = [t.index_select(0, present[0]) for t in stats]
-        return F.batch_norm(x, *stats, False, 0.0, self.eps).relu_()
+    def __call__(self, x: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        b, n = present.shape
+        if n == self.channels:  # every channel present, in order
+            y = self.pool(F.batch_norm(x, *self.stats, False, 0.0, self.eps).relu_())
+            return _linear(y, self.weight, self.bias)
+        if b == 1:
+            p = present[0]
+            y = F.batch_norm(x, *self.stats.index_select(1, p), False, 0.0, self.eps).relu_()
+            weight = self.weight.index_select(1, p)
+            bias = self.full_bias - weight @ self.const.index_select(0, p)
+            return _linear(self.pool(y), weight, bias)
+        mean, var, weight, bias = gather_rows(self.stats.T, present).permute(2, 0, 1)
+        scale = weight / torch.sqrt(var + self.eps)
+        shift = bias - mean * scale
+        y = self.pool(torch.mul(x, scale[..., None, None]).add_(shift[..., None, None]).relu_())
+        skipped = self.const.expand(b, -1).scatter(1, present, 0.0)
+        bias = self.bias + skipped @ self.weight.T
+        if y.dim() == 2:
+            return linear_gathered(y, self.weight, present, bias)
+        return conv1x1_gathered(y, self.weight, present, bias)
 
-    def folded_bias(self, present: torch.Tensor) -> torch.Tensor:
-        """(B, O) bias: own bias plus what the skipped channels' constants contribute."""
-        if present.shape[1] == self.channels:
-            return self.bias.expand(present.shape[0], -1)
-        skipped = self.const.expand(present.shape[0], -1).scatter(1, present, 0.0)
-        return self.bias + skipped @ self.weight.T
 
-    def index(self, present: torch.Tensor) -> torch.Tensor | None:
-        return None if present.shape[1] == self.channels else present
+def _linear(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """weight (O, n) applied to y (B, n) or, as a 1x1 convolution, to y (B, n, H, W)."""
+    if y.dim() == 2:
+        return torch.addmm(bias, y, weight.T)
+    b, n, h, w = y.shape
+    if b == 1:
+        return torch.addmm(bias[:, None], weight, y.reshape(n, h * w)).reshape(1, -1, h, w)
+    return F.conv2d(y, weight[:, :, None, None], bias)
+
+
+def _pool2(y: torch.Tensor) -> torch.Tensor:
+    """2x2 average pooling; several times faster on channels-last tensors on the CPU."""
+    return F.avg_pool2d(y.contiguous(memory_format=torch.channels_last), 2).contiguous()
+
+
+def _global_pool(y: torch.Tensor) -> torch.Tensor:
+    return y.mean((2, 3))
+
+
+class _GateScores:
+    """A gate's scores read off the block state: only present channels, pooled means cached."""
+
+    def __init__(self, gate) -> None:
+        self.gate = gate
+        if isinstance(gate, CheapGate):
+            self.weight, self.bias = gate.fc.weight.detach(), gate.fc.bias.detach()
+
+    def __call__(self, state: State) -> torch.Tensor:
+        present = state["present"]
+        n = present.shape[1]
+        if isinstance(self.gate, CheapGate):
+            means = state["means"][:, :n]
+            if present.shape[0] == 1:
+                weight = self.weight if n == self.weight.shape[1] else \
+                    self.weight.index_select(1, present[0])
+                return torch.sigmoid(torch.addmm(self.bias, means, weight.T))
+            return torch.sigmoid(linear_gathered(means, self.weight, present, self.bias))
+        assert isinstance(self.gate, ACSGate)
+        index = None if n == self.gate.reduce.in_channels else present
+        return self.gate(state["buf"][:, :n], index=index)
 
 
 class CompactDenseNet(CompactExecutor):
@@ -76,7 +123,7 @@ class CompactDenseNet(CompactExecutor):
                 if layer.gate is None:
                     steps.append(Step(self._layer_step(layer, base)))
                     continue
-                steps.append(Step(self._layer_step(layer, base), gate=self._gate(layer.gate),
+                steps.append(Step(self._layer_step(layer, base), gate=_GateScores(layer.gate),
                                   gated_index=gated, key=lambda keep: keep.sum(1)))
                 gated += 1
             if i < len(model.transitions):
@@ -99,67 +146,59 @@ class CompactDenseNet(CompactExecutor):
             b, c, height, width = h.shape
             buf = h.new_empty(b, total, height, width)
             buf[:, :c] = h
+            means = h.new_empty(b, total)
+            means[:, :c] = h.mean((2, 3))
             present = torch.arange(c, device=h.device).expand(b, c)
-            return {"buf": buf, "present": present}
+            return {"buf": buf, "means": means, "present": present}
         return apply
-
-    @staticmethod
-    def _gate(gate):
-        def scores(state: State) -> torch.Tensor:
-            present = state["present"]
-            return gate(state["buf"][:, : present.shape[1]], index=present)
-        return scores
 
     @staticmethod
     def _layer_step(layer, base: int):
         scale2, shift2 = bn_affine(layer.norm2)
-        weight1 = layer.conv1.weight[:, :, 0, 0].detach() * scale2[:, None]
-        consumer = _Consumer(layer.norm1, weight1, shift2)
+        consumer = _Consumer(layer.norm1, layer.conv1.weight[:, :, 0, 0] * scale2[:, None], shift2)
         weight2 = layer.conv2.weight.detach()
         growth = weight2.shape[0]
+        all_rows = torch.arange(growth)
 
         def apply(state: State, keep) -> State:
-            buf, present = state["buf"], state["present"]
+            buf, means, present = state["buf"], state["means"], state["present"]
             b, n = present.shape
-            if keep is None:
-                rows = None
-                k = growth
-            else:
-                k = int(keep[0].sum())
+            if keep is None or keep.all():
+                rows, k = None, growth
+            elif b == 1:
+                rows = keep[0].nonzero()[:, 0]
+                k = rows.shape[0]
                 if k == 0:
                     return state
-                rows = None if k == growth else keep.nonzero()[:, 1].reshape(b, k)
-            y = consumer.normalize(buf[:, :n], present)
-            h = F.relu(conv1x1_gathered(y, consumer.weight, consumer.index(present),
-                                        consumer.folded_bias(present)))
-            buf[:, n : n + k] = conv_rows_gathered(h, weight2, rows, padding=1)
-            new = torch.arange(growth, device=buf.device).expand(b, -1) if rows is None else rows
-            return {"buf": buf, "present": torch.cat([present, base + new], 1)}
+                rows = rows[None]
+            else:
+                rows = keep.nonzero()[:, 1].reshape(b, -1)
+                k = rows.shape[1]
+                if k == 0:
+                    return state
+            h = consumer(buf[:, :n], present).relu_()
+            out = conv_rows_gathered(h, weight2, rows, padding=1)
+            buf[:, n : n + k] = out
+            means[:, n : n + k] = out.mean((2, 3))
+            new = all_rows.to(buf.device).expand(b, -1) if rows is None else rows
+            return {"buf": buf, "means": means, "present": torch.cat([present, base + new], 1)}
         return apply
 
     @staticmethod
     def _transition_step(transition):
-        consumer = _Consumer(transition.norm, transition.conv.weight[:, :, 0, 0].detach())
+        consumer = _Consumer(transition.norm, transition.conv.weight[:, :, 0, 0], pool=_pool2)
 
         def apply(state: State, keep) -> State:
-            buf, present = state["buf"], state["present"]
-            y = consumer.normalize(buf[:, : present.shape[1]], present)
-            # Average pooling is several times faster on channels-last tensors on the CPU.
-            y = F.avg_pool2d(y.contiguous(memory_format=torch.channels_last), 2).contiguous()
-            h = conv1x1_gathered(y, consumer.weight, consumer.index(present),
-                                 consumer.folded_bias(present))
-            return {"h": h}
+            present = state["present"]
+            return {"h": consumer(state["buf"][:, : present.shape[1]], present)}
         return apply
 
     @staticmethod
     def _head_step(model: ACSDenseNet):
-        consumer = _Consumer(model.norm, model.classifier.weight.detach(),
-                             model.classifier.bias.detach())
+        consumer = _Consumer(model.norm, model.classifier.weight, model.classifier.bias,
+                             pool=_global_pool)
 
         def apply(state: State, keep) -> State:
-            buf, present = state["buf"], state["present"]
-            pooled = consumer.normalize(buf[:, : present.shape[1]], present).mean((2, 3))
-            logits = linear_gathered(pooled, consumer.weight, consumer.index(present),
-                                     consumer.folded_bias(present))
-            return {"logits": logits}
+            present = state["present"]
+            return {"logits": consumer(state["buf"][:, : present.shape[1]], present)}
         return apply

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from .compact import CompactExecutor, State, Step
 from .compact_densenet import bn_affine
-from .gather import conv1x1_gathered
+from .gather import conv1x1_gathered, gather_rows
 from .resnext import GBottleneck, GResNeXt
 
 
@@ -100,7 +100,8 @@ class CompactResNeXt(CompactExecutor):
                 return {"h": F.relu(identity + b3[:, None, None])}
             rows, slot, cmax = group_slots(keep, groups)
             b, k = rows.shape
-            h1 = F.relu(torch.bmm(w1[rows], x.flatten(2)) + b1[rows][..., None])
+            h1 = F.relu(torch.baddbmm(gather_rows(b1, rows)[..., None], gather_rows(w1, rows),
+                                      x.flatten(2)))
             h1 = h1.reshape(b, k, *x.shape[2:])
             # Padded grouped layout: group i's kept channels sit in slots [i*cmax, i*cmax+c_i).
             padded = h1.new_zeros(b, groups * cmax, *x.shape[2:])
@@ -115,7 +116,7 @@ class CompactResNeXt(CompactExecutor):
                           groups=b * groups)
             h2 = h2.reshape(b, groups * cmax, *h2.shape[2:])
             h2 = F.relu(h2.gather(1, slot[..., None, None].expand(b, k, *h2.shape[2:]))
-                        + b2[rows][..., None, None])
+                        + gather_rows(b2, rows)[..., None, None])
             out = conv1x1_gathered(h2, w3, rows, b3)
             return {"h": F.relu(out + identity)}
         return apply
