@@ -60,6 +60,18 @@ class GatedNetwork(nn.Module):
         raise NotImplementedError
 
     @property
+    def min_input_size(self) -> int:
+        """Smallest input height and width the network runs at."""
+        return 1
+
+    def check_input(self, x: torch.Tensor) -> None:
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(x.shape)}")
+        if min(x.shape[-2:]) < self.min_input_size:
+            raise ValueError(f"input {x.shape[-2]}x{x.shape[-1]} is smaller than this network's "
+                             f"minimum {self.min_input_size}x{self.min_input_size}")
+
+    @property
     def gated(self) -> bool:
         return bool(self.gated_totals())
 
@@ -83,6 +95,7 @@ class GatedNetwork(nn.Module):
     def forward(self, x: torch.Tensor, budget: float | torch.Tensor | None = None,
                 policy: str = "threshold", return_info: bool = False):
         """Logits for x at the given budget(s); with return_info, also masks and cost."""
+        self.check_input(x)
         plan = self.plan(budget, policy, x.shape[0], x.device)
         logits, masks, scores = self.run(x, plan)
         if not return_info:

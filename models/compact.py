@@ -45,6 +45,7 @@ class CompactExecutor:
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, budget=None, policy: str = "threshold",
                  return_info: bool = False, per_sample: bool = False):
+        self.model.check_input(x)
         plan = self.model.plan(budget, policy, x.shape[0], x.device)
         state = {"x": x}
         if per_sample and x.shape[0] > 1:

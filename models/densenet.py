@@ -96,6 +96,10 @@ class ACSDenseNet(GatedNetwork):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
 
+    @property
+    def min_input_size(self) -> int:
+        return 2 ** len(self.transitions)
+
     def layers(self) -> list[DenseLayer]:
         return [layer for block in self.blocks for layer in block]
 
@@ -131,34 +135,41 @@ class ACSDenseNet(GatedNetwork):
         device = masks[0].device if masks else None
         kept = kept_counts(masks, batch, device)
         width_1x1 = cfg.bn_size * cfg.growth
-        executed = torch.full((batch,), height * width * 3 * cfg.init_features * 9,
-                              dtype=torch.long, device=device)
+        dense = height * width * 3 * cfg.init_features * 9
+        executed = torch.full((batch,), dense, dtype=torch.long, device=device)
         gates = torch.zeros_like(executed)
-        dense = int(executed[0])
         h, w = height, width
         gated = 0
         for i, block in enumerate(self.blocks):
-            present = torch.full_like(executed, self.block_inputs[i])
-            for j, layer in enumerate(block):
-                full = self.block_inputs[i] + j * cfg.growth
-                dense += h * w * (full * width_1x1 + width_1x1 * cfg.growth * 9)
+            base = self.block_inputs[i]
+            # Every layer's kept count; the channels present before each layer, per sample.
+            columns = []
+            for layer in block:
                 if layer.gate is None:
-                    k = torch.full_like(executed, cfg.growth)
+                    columns.append(torch.full_like(executed, cfg.growth))
                 else:
-                    k = kept[:, gated]
+                    columns.append(kept[:, gated])
                     gated += 1
-                    g = layer.gate.macs(present, h, w)
-                    gates += g
-                    executed += g
-                executed += (k > 0) * h * w * present * width_1x1 + h * w * width_1x1 * k * 9
-                present = present + k
+            k = torch.stack(columns, 1)
+            present = base + k.cumsum(1) - k
+            # Gate MACs are affine in the channels a gate reads: slope * present + offset.
+            offsets = [layer.gate.macs(0, h, w) if layer.gate else 0 for layer in block]
+            slopes = [layer.gate.macs(1, h, w) - o if layer.gate else 0
+                      for layer, o in zip(block, offsets, strict=True)]
+            g = (present * torch.tensor(slopes, device=device)).sum(1) + sum(offsets)
+            gates += g
+            executed += g
+            executed += (h * w * width_1x1 * ((k > 0) * present + 9 * k)).sum(1)
+            dense += sum(h * w * width_1x1 * (base + j * cfg.growth + 9 * cfg.growth)
+                         for j in range(len(block)))
+            end = base + k.sum(1)
             if i < len(self.transitions):
                 h, w = h // 2, w // 2
                 conv = self.transitions[i].conv
                 dense += h * w * conv.in_channels * conv.out_channels
-                executed += h * w * present * conv.out_channels
+                executed += h * w * end * conv.out_channels
         dense += self.classifier.in_features * cfg.num_classes
-        executed += present * cfg.num_classes
+        executed += end * cfg.num_classes
         return Cost(dense, executed, gates, kept, self.gated_totals())
 
 

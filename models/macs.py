@@ -22,6 +22,11 @@ class Cost:
     kept: torch.Tensor  # (B, L) channels kept per gated layer
     totals: list[int]  # (L,) channels per gated layer
 
+    def rows(self, index) -> Cost:
+        """The cost of some samples of the batch (a slice or an index tensor), on the CPU."""
+        return Cost(self.dense, self.executed[index].cpu(), self.gates[index].cpu(),
+                    self.kept[index].cpu(), self.totals)
+
     @property
     def ratio(self) -> torch.Tensor:
         """Executed MACs over dense MACs, per sample."""
@@ -45,4 +50,6 @@ def kept_counts(masks: list[torch.Tensor], batch: int, device=None) -> torch.Ten
     """(B, L) number of kept channels in each gated layer's mask."""
     if not masks:
         return torch.zeros(batch, 0, dtype=torch.long, device=device)
+    if all(m.shape == masks[0].shape for m in masks):
+        return (torch.stack(masks, 1) > 0).sum(2)
     return torch.stack([(m > 0).sum(1) for m in masks], 1)

@@ -40,6 +40,16 @@ def test_imagenet_resnext_factories(factory, size, batch):
     assert logits.shape == (batch, 7)
 
 
+def test_too_small_or_malformed_inputs_are_clear_errors():
+    model = densenet40().eval()
+    assert model.min_input_size == 4
+    model(torch.randn(1, 3, 4, 4))
+    with pytest.raises(ValueError, match="smaller than"):
+        model(torch.randn(1, 3, 3, 8))
+    with pytest.raises(ValueError, match="shape"):
+        model(torch.randn(1, 1, 8, 8))
+
+
 def test_any_num_classes():
     assert acs_densenet40(num_classes=3).eval()(torch.randn(1, 3, 32, 32)).shape == (1, 3)
 

@@ -1,0 +1,130 @@
+"""The FastAPI app: models load in the background, so liveness never waits on them."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import torch
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException
+
+from . import __version__
+from .config import Settings
+from .errors import (
+    ApiError,
+    api_error_handler,
+    http_error_handler,
+    internal_error_handler,
+    validation_error_handler,
+)
+from .metrics import Metrics
+from .middleware import ServingMiddleware
+from .registry import ModelRegistry, ServedModel, checkpoint_dirs, pick_device
+from .routes_v1 import router as v1_router
+from .routes_v2 import router as v2_router
+
+log = logging.getLogger("acs_serve")
+
+
+@dataclass
+class ServerState:
+    settings: Settings
+    metrics: Metrics
+    registry: ModelRegistry
+    loaded: bool = False  # every checkpoint tried and warmed up
+    # SIGTERM received: readiness fails; uvicorn stops accepting connections and waits for
+    # the requests already received, which are served as usual.
+    draining: bool = False
+    tasks: list = field(default_factory=list)
+
+    @property
+    def ready(self) -> bool:
+        return self.loaded and not self.draining and bool(self.registry.models)
+
+    def model(self, name: str | None) -> ServedModel:
+        """A ready model by name (None: the default model), or a 404/503 ApiError."""
+        name = name or self.registry.default_name()
+        served = self.registry.models.get(name) if name else None
+        if served is None:
+            if not self.loaded:
+                raise ApiError(503, "models are still loading", "loading", {"Retry-After": "1"})
+            raise ApiError(404, f"no model named {name!r}; see GET /v1/models", "unknown_model")
+        if not served.ready:
+            raise ApiError(503, f"model {name!r} is warming up", "loading", {"Retry-After": "1"})
+        return served
+
+
+async def load_models(state: ServerState) -> None:
+    """Load and warm up every checkpoint, one by one, off the event loop."""
+    registry = state.registry
+    loop = asyncio.get_running_loop()
+    for path in checkpoint_dirs(state.settings.weights_dir):
+        served = await loop.run_in_executor(None, registry.load, path)
+        if served is None:
+            continue
+        registry.models[served.name] = served
+        served.batcher.start()
+        await loop.run_in_executor(served.batcher.pool, registry.warm_up, served)
+        served.ready = True
+        state.metrics.model_ready.labels(served.name).set(1)
+        log.info("serving %s on %s (load %.2fs, warm-up %.2fs)", served.name, registry.device,
+                 served.load_seconds, served.warmup_seconds)
+    if not registry.models:
+        log.error("no model could be loaded from %s", state.settings.weights_dir)
+    state.loaded = True
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    device = pick_device(settings.device)
+    if device.type == "cpu":
+        torch.set_num_threads(settings.threads)
+    metrics = Metrics(__version__, str(device))
+    state = ServerState(settings, metrics, ModelRegistry(settings, metrics, device))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        state.tasks.append(asyncio.create_task(load_models(state)))
+        yield
+        state.draining = True
+        for task in state.tasks:
+            task.cancel()
+        await asyncio.gather(*state.tasks, return_exceptions=True)
+        for served in state.registry.models.values():
+            await served.batcher.stop()
+
+    app = FastAPI(title="acs-serve", version=__version__, lifespan=lifespan,
+                  description="Adaptive Channel Skipping CNNs under a per-request compute budget.")
+    app.state.server = state
+    app.add_exception_handler(ApiError, api_error_handler)
+    app.add_exception_handler(RequestValidationError, validation_error_handler)
+    app.add_exception_handler(HTTPException, http_error_handler)
+    app.add_exception_handler(Exception, internal_error_handler)
+    app.include_router(v1_router)
+    app.include_router(v2_router)
+
+    @app.get("/healthz", tags=["health"])
+    async def healthz() -> dict:
+        """Liveness: the process answers. Never waits on model loading."""
+        return {"status": "alive"}
+
+    @app.get("/readyz", tags=["health"])
+    async def readyz():
+        """Readiness: every model loaded and warmed up, and not shutting down."""
+        body = {"ready": state.ready, "loaded": state.loaded, "draining": state.draining,
+                "models": {n: m.ready for n, m in state.registry.models.items()},
+                "errors": state.registry.errors}
+        return JSONResponse(body, 200 if state.ready else 503)
+
+    @app.get("/metrics", tags=["health"])
+    async def prometheus_metrics() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.add_middleware(ServingMiddleware, state=state)
+    return app

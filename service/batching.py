@@ -1,0 +1,162 @@
+"""Dynamic batching per model: a bounded queue, deadlines, compute off the event loop.
+
+Requests with different budgets share a batch: budgets are per image, and the compact
+executor itself runs together the images that keep equal channel counts. Requests with
+different policies run as separate sub-batches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import ApiError
+from .metrics import Metrics
+
+
+@dataclass
+class Job:
+    images: torch.Tensor  # (n, 3, H, W), CPU
+    budget: float  # requested, in [0, 1]
+    policy: str
+    deadline: float  # time.monotonic()
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.monotonic)
+
+    @property
+    def size(self) -> int:
+        return self.images.shape[0]
+
+
+@dataclass
+class JobResult:
+    probabilities: torch.Tensor  # (n, C)
+    effective: list[float]
+    cost: object  # models.macs.Cost of this job's images
+    queue_s: float
+    inference_s: float
+    batch_size: int
+
+
+class Batcher:
+    """Collects jobs for one model into batches and runs them on one inference thread."""
+
+    def __init__(self, name: str, executor, device: torch.device, settings, metrics: Metrics,
+                 table) -> None:
+        self.name, self.executor, self.device = name, executor, device
+        self.settings, self.metrics, self.table = settings, metrics, table
+        self.queue: deque[Job] = deque()
+        self.queued_images = 0
+        self.wakeup = asyncio.Event()
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix=f"infer-{name}")
+        self.seconds_per_image = 0.0  # moving average, for refusing hopeless deadlines
+        self.task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
+        self.pool.shutdown(wait=True)
+
+    def submit(self, job: Job) -> None:
+        """Queue a job, or refuse it now: full queue, or a deadline it cannot meet."""
+        s = self.settings
+        if self.queued_images + job.size > s.max_queue_size:
+            raise ApiError(s.reject_status, f"model {self.name!r} queue is full "
+                           f"({self.queued_images} images waiting); retry later", "queue_full",
+                           {"Retry-After": "1"})
+        expected = (self.queued_images + job.size) * self.seconds_per_image
+        if time.monotonic() + expected > job.deadline:
+            raise ApiError(503, f"cannot finish within the deadline (about {expected:.3f} s of "
+                           f"work is queued)", "deadline", {"Retry-After": "1"})
+        self.queue.append(job)
+        self.queued_images += job.size
+        self.metrics.queue_depth.labels(self.name).set(self.queued_images)
+        self.wakeup.set()
+
+    def _take_batch(self) -> list[Job]:
+        batch, images = [], 0
+        while self.queue and (not batch or images + self.queue[0].size
+                              <= self.settings.max_batch_size):
+            job = self.queue.popleft()
+            self.queued_images -= job.size
+            if job.future.done():  # the client went away or timed out
+                continue
+            if time.monotonic() > job.deadline:
+                job.future.set_exception(ApiError(504, "deadline passed while queued", "deadline"))
+                continue
+            batch.append(job)
+            images += job.size
+        self.metrics.queue_depth.labels(self.name).set(self.queued_images)
+        return batch
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self.queue:
+                self.wakeup.clear()
+                await self.wakeup.wait()
+            first = self.queue[0].enqueued if self.queue else time.monotonic()
+            wait = first + self.settings.max_queue_delay_ms / 1000 - time.monotonic()
+            if self.queued_images < self.settings.max_batch_size and wait > 0:
+                await asyncio.sleep(wait)
+            batch = self._take_batch()
+            for policy in dict.fromkeys(job.policy for job in batch):
+                jobs = [job for job in batch if job.policy == policy]
+                try:
+                    results = await loop.run_in_executor(self.pool, self._run, jobs, policy)
+                except Exception as e:  # a bug must fail these requests, not the server
+                    for job in jobs:
+                        if not job.future.done():
+                            job.future.set_exception(e)
+                    continue
+                for job, result in zip(jobs, results, strict=True):
+                    if not job.future.done():
+                        job.future.set_result(result)
+
+    def _run(self, jobs: list[Job], policy: str) -> list[JobResult]:
+        """Run one batch (on the inference thread) and split the results per job."""
+        start = time.monotonic()
+        x = torch.cat([job.images for job in jobs]).to(self.device, non_blocking=True)
+        requested = [job.budget for job in jobs for _ in range(job.size)]
+        budgets = torch.tensor(requested, dtype=torch.float32, device=self.device)
+        logits, info = self.executor(x, budget=budgets, policy=policy, return_info=True)
+        probabilities = torch.softmax(logits.float(), 1).cpu()
+        cost = info.cost.rows(slice(None))
+        effective = info.plan.effective.cpu().tolist()
+        elapsed = time.monotonic() - start
+        n = x.shape[0]
+        self.seconds_per_image = 0.8 * self.seconds_per_image + 0.2 * elapsed / n
+        m = self.metrics
+        m.inference_seconds.labels(self.name).observe(elapsed)
+        m.batch_size.labels(self.name).observe(n)
+        m.observe_images(self.name, policy, requested, effective, cost)
+        results, offset = [], 0
+        for job in jobs:
+            rows = slice(offset, offset + job.size)
+            offset += job.size
+            queue_s = start - job.enqueued
+            m.queue_seconds.labels(self.name).observe(queue_s)
+            results.append(JobResult(probabilities[rows], effective[rows], cost.rows(rows),
+                                     queue_s, elapsed, n))
+        return results
+
+    def warm_up(self, size: int) -> None:
+        """Run every batch-size bucket (powers of two up to the max) once per policy path."""
+        sizes = sorted({1 << i for i in range(self.settings.max_batch_size.bit_length())}
+                       | {self.settings.max_batch_size})
+        for n in sizes:
+            x = torch.zeros(n, 3, size, size, device=self.device)
+            start = time.monotonic()
+            self.executor(x, budget=1.0, policy="threshold")
+            self.executor(x, budget=self.table.floor, policy="topk")
+            self.seconds_per_image = max(self.seconds_per_image, (time.monotonic() - start) / 2 / n)
+

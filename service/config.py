@@ -1,0 +1,92 @@
+"""Server settings: every field from an environment variable (ACS_<NAME>) or a CLI flag."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, fields
+
+
+@dataclass(frozen=True)
+class Settings:
+    weights_dir: str = "weights"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    device: str = "auto"  # auto: cuda when available, else cpu
+    default_model: str = ""  # empty: the manifest marked default, else the first by name
+    threads: int = 1  # torch intra-op threads on the CPU
+    max_batch_size: int = 8
+    max_queue_delay_ms: float = 0.0  # 0: run as soon as the inference thread is free
+    max_queue_size: int = 64  # per model, in images
+    request_timeout_s: float = 30.0  # default deadline; a request's `timeout` may lower it
+    max_timeout_s: float = 120.0
+    max_body_bytes: int = 10 * 1024 * 1024
+    max_pixels: int = 40_000_000  # decoded pixels per image (decompression bombs)
+    max_images_per_request: int = 64
+    reject_status: int = 503  # full queue: 503 (with Retry-After) or 429
+    api_key: str = ""  # empty: no authentication
+    warmup: bool = True
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        if self.reject_status not in (429, 503):
+            raise ValueError("reject_status must be 429 or 503")
+        if self.max_batch_size < 1 or self.max_queue_size < 1:
+            raise ValueError("max_batch_size and max_queue_size must be >= 1")
+
+
+HELP = {
+    "weights_dir": "folder of checkpoints, one sub-folder per model",
+    "host": "address to bind",
+    "port": "port to bind",
+    "device": "cpu, cuda, cuda:N or auto",
+    "default_model": "model served by /v1/predict",
+    "threads": "torch intra-op threads on the CPU",
+    "max_batch_size": "largest dynamic batch, in images",
+    "max_queue_delay_ms": "longest a request waits for a batch to fill",
+    "max_queue_size": "queued images per model before requests are refused",
+    "request_timeout_s": "default per-request deadline",
+    "max_timeout_s": "largest deadline a request may ask for",
+    "max_body_bytes": "largest request body",
+    "max_pixels": "largest decoded image, in pixels",
+    "max_images_per_request": "most images in one request",
+    "reject_status": "status for a full queue: 503 or 429",
+    "api_key": "require this key (Authorization: Bearer or X-API-Key) on /v1 and /v2/models",
+    "warmup": "run each batch-size bucket once before reporting ready",
+    "log_level": "uvicorn log level",
+}
+
+
+def _parse(kind: type, value: str):
+    if kind is bool:
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    return kind(value)
+
+
+def _types() -> dict[str, type]:
+    return {f.name: type(f.default) for f in fields(Settings)}
+
+
+def from_env(environ=os.environ, **overrides) -> Settings:
+    """Settings from ACS_* environment variables, then explicit overrides."""
+    values = {}
+    for name, kind in _types().items():
+        raw = environ.get(f"ACS_{name.upper()}")
+        if raw is not None:
+            values[name] = _parse(kind, raw)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return Settings(**values)
+
+
+def parse_args(argv=None) -> Settings:
+    """CLI flags (--max-batch-size 16 ...) over environment variables over defaults."""
+    parser = argparse.ArgumentParser(prog="acs-serve", description="Serve ACS models over HTTP.")
+    for name, kind in _types().items():
+        flag = "--" + name.replace("_", "-")
+        env = f"ACS_{name.upper()}"
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                                help=f"{HELP[name]} (env {env})")
+        else:
+            parser.add_argument(flag, type=kind, default=None, help=f"{HELP[name]} (env {env})")
+    return from_env(**vars(parser.parse_args(argv)))

@@ -1,0 +1,68 @@
+"""Image decoding and preprocessing, as a model's manifest says."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from .errors import ApiError
+
+FORMATS = {"JPEG", "PNG", "WEBP", "GIF", "BMP"}
+
+
+def decode(data: bytes, max_pixels: int) -> Image.Image:
+    """An RGB image from encoded bytes; EXIF orientation applied, alpha composited on white,
+    GIFs' first frame. Raises ApiError 400 (undecodable), 413 (too many pixels), 415."""
+    if not data:
+        raise ApiError(400, "empty image", "bad_image")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            if image.format not in FORMATS:
+                raise ApiError(415, f"unsupported image format {image.format}; "
+                               f"send one of {sorted(FORMATS)}", "unsupported_media")
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ApiError(413, f"image is {width}x{height} = {width * height} pixels; "
+                               f"the limit is {max_pixels}", "too_many_pixels")
+            image.seek(0)
+            image.load()
+            image = ImageOps.exif_transpose(image)
+    except ApiError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ApiError(413, f"image too large: {e}", "too_many_pixels") from None
+    except Exception as e:  # Pillow raises many types for corrupt data
+        raise ApiError(400, f"could not decode image: {e}", "bad_image") from None
+    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB")
+
+
+def to_tensor(image: Image.Image, size: int, mean, std) -> torch.Tensor:
+    """(3, size, size) normalized tensor: shorter side resized to `size`, then center crop."""
+    width, height = image.size
+    scale = size / min(width, height)
+    if (width, height) != (size, size):
+        resized = (max(size, round(width * scale)), max(size, round(height * scale)))
+        image = image.resize(resized, Image.Resampling.BILINEAR)
+        left = (image.width - size) // 2
+        top = (image.height - size) // 2
+        image = image.crop((left, top, left + size, top + size))
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    mean_t = torch.tensor(mean, dtype=torch.float32)[:, None, None]
+    std_t = torch.tensor(std, dtype=torch.float32)[:, None, None]
+    return (pixels - mean_t) / std_t
+
+
+def preprocess(data: bytes, manifest: dict, max_pixels: int) -> torch.Tensor:
+    """Encoded image bytes -> the model's normalized input tensor (3, size, size)."""
+    spec = manifest["input"]
+    return to_tensor(decode(data, max_pixels), spec["size"], spec["mean"], spec["std"])

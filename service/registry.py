@@ -1,0 +1,112 @@
+"""The models a server serves: loaded from a weights folder, each with its own batcher."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from models.checkpoint import MANIFEST, CheckpointError, load_checkpoint
+from models.registry import compact
+
+from .batching import Batcher
+
+log = logging.getLogger("acs_serve")
+
+
+@dataclass
+class ServedModel:
+    name: str
+    manifest: dict
+    model: torch.nn.Module
+    batcher: Batcher
+    load_seconds: float
+    warmup_seconds: float = 0.0
+    ready: bool = False
+
+    @property
+    def classes(self) -> list[str]:
+        return self.manifest["classes"]
+
+    @property
+    def input_size(self) -> int:
+        return self.manifest["input"]["size"]
+
+    @property
+    def default_budget(self) -> float:
+        return self.manifest.get("default", {}).get("budget", 1.0)
+
+    @property
+    def default_policy(self) -> str:
+        return self.manifest.get("default", {}).get("policy", "threshold")
+
+    def metadata(self) -> dict:
+        m = self.manifest
+        return {
+            "name": self.name, "ready": self.ready, "architecture": m["architecture"],
+            "config": m["config"], "classes": self.classes, "input": m["input"],
+            "gated": self.model.gated, "budget_floor": self.model.table.floor,
+            "default": {"budget": self.default_budget, "policy": self.default_policy},
+            "policies": ["threshold", "topk", "cap"],
+            "calibration": m["calibration"], "accuracy": m.get("accuracy", []),
+            "provenance": m.get("provenance", {}), "weights_sha256": m["weights"]["sha256"],
+            "device": str(self.batcher.device),
+        }
+
+
+def pick_device(setting: str) -> torch.device:
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(setting)
+
+
+def checkpoint_dirs(weights_dir: str | Path) -> list[Path]:
+    """Sub-folders holding a manifest, by name."""
+    root = Path(weights_dir)
+    if not root.is_dir():
+        return []
+    return sorted(p.parent for p in root.glob(f"*/{MANIFEST}"))
+
+
+@dataclass
+class ModelRegistry:
+    settings: object
+    metrics: object
+    device: torch.device
+    models: dict[str, ServedModel] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+
+    def load(self, path: Path) -> ServedModel | None:
+        """Load one checkpoint (blocking; run it off the event loop). Errors are recorded."""
+        start = time.monotonic()
+        try:
+            checkpoint = load_checkpoint(path, self.device)
+        except CheckpointError as e:
+            log.error("not serving %s: %s", path, e)
+            self.errors[path.name] = str(e)
+            return None
+        name = checkpoint.name
+        batcher = Batcher(name, compact(checkpoint.model), self.device, self.settings,
+                          self.metrics, checkpoint.model.table)
+        served = ServedModel(name, checkpoint.manifest, checkpoint.model, batcher,
+                             time.monotonic() - start)
+        self.metrics.load_seconds.labels(name).set(served.load_seconds)
+        self.metrics.model_ready.labels(name).set(0)
+        return served
+
+    def warm_up(self, served: ServedModel) -> None:
+        start = time.monotonic()
+        if self.settings.warmup:
+            served.batcher.warm_up(served.input_size)
+        served.warmup_seconds = time.monotonic() - start
+        self.metrics.warmup_seconds.labels(served.name).set(served.warmup_seconds)
+
+    def default_name(self) -> str | None:
+        if self.settings.default_model:
+            return self.settings.default_model
+        marked = [m.name for m in self.models.values() if m.manifest.get("serve_default")]
+        names = marked or sorted(self.models)
+        return names[0] if names else None

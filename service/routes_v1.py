@@ -1,0 +1,206 @@
+"""The /v1 API: predictions with a per-request budget, and model metadata."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import time
+from typing import Literal
+
+import torch
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, Field, ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from .batching import Job, JobResult
+from .errors import ApiError
+from .imaging import preprocess
+
+router = APIRouter()
+
+PARAMETERS = ("budget", "policy", "top_k", "timeout")
+
+
+class PredictParams(BaseModel):
+    budget: float | None = Field(None, ge=0, le=1, description="fraction of dense MACs")
+    policy: Literal["threshold", "topk", "cap"] | None = None
+    top_k: int = Field(5, ge=1, le=1000)
+    timeout: float | None = Field(None, gt=0, description="deadline in seconds")
+
+
+class Label(BaseModel):
+    label: str
+    index: int
+    probability: float
+
+
+class Budget(BaseModel):
+    requested: float
+    effective: float
+    policy: str
+
+
+class Cost(BaseModel):
+    dense_macs: int
+    executed_macs: int
+    executed_ratio: float
+    skipped_channel_ratio: float
+    layer_skipped_ratio: list[float]
+
+
+class Prediction(BaseModel):
+    top_k: list[Label]
+    budget: Budget
+    cost: Cost
+
+
+class Timing(BaseModel):
+    queue_ms: float
+    inference_ms: float
+    total_ms: float
+
+
+class PredictResponse(BaseModel):
+    request_id: str
+    model: str
+    predictions: list[Prediction]
+    timing: Timing
+
+
+def validate_params(raw: dict) -> PredictParams:
+    try:
+        return PredictParams(**raw)
+    except ValidationError as e:
+        parts = [f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()]
+        raise ApiError(422, "; ".join(parts), "bad_parameter") from None
+
+
+async def read_images(request: Request, max_images: int) -> tuple[list[bytes], dict]:
+    """Encoded images and body parameters from multipart, raw image/* or JSON base64."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "multipart/form-data":
+        form = await request.form(max_files=max_images, max_fields=len(PARAMETERS) + 1)
+        files = [f for f in form.getlist("file") if hasattr(f, "read")]
+        if not files:
+            raise ApiError(400, 'multipart body has no "file" field', "bad_request")
+        params = {k: form[k] for k in PARAMETERS if isinstance(form.get(k), str)}
+        return [await f.read() for f in files], params
+    if ctype.startswith("image/"):
+        return [await request.body()], {}
+    if ctype == "application/json":
+        try:
+            body = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"body is not valid JSON: {e}", "bad_request") from None
+        encoded = body.get("images") if isinstance(body, dict) else None
+        if isinstance(body, dict) and encoded is None and "image" in body:
+            encoded = [body["image"]]
+        if not isinstance(encoded, list) or not encoded or len(encoded) > max_images:
+            raise ApiError(400, f'JSON body needs "image": "<base64>" or "images": [...] '
+                           f"(1 to {max_images})", "bad_request")
+        try:
+            images = [base64.b64decode(e, validate=True) for e in encoded]
+        except (binascii.Error, TypeError, ValueError):
+            raise ApiError(400, "image is not valid base64", "bad_request") from None
+        return images, {k: body[k] for k in PARAMETERS if k in body}
+    raise ApiError(415, f"unsupported content type {ctype or 'none'!r}: send multipart/form-data "
+                   '(field "file"), an image/* body, or JSON {"image": "<base64>"}',
+                   "unsupported_media")
+
+
+async def infer(request: Request, served, images: torch.Tensor, budget: float | None,
+                policy: str | None, timeout: float | None) -> tuple[JobResult, float, str]:
+    """Queue images for a model and wait for the result within the deadline.
+
+    Returns the result and the budget and policy used (the model's defaults where None)."""
+    settings = request.app.state.server.settings
+    seconds = min(timeout or settings.request_timeout_s, settings.max_timeout_s)
+    deadline = time.monotonic() + seconds
+    future = asyncio.get_running_loop().create_future()
+    budget = served.default_budget if budget is None else budget
+    policy = policy or served.default_policy
+    served.batcher.submit(Job(images, budget, policy, deadline, future))
+    try:
+        return await asyncio.wait_for(future, max(deadline - time.monotonic(), 0)), budget, policy
+    except TimeoutError:
+        raise ApiError(504, f"no result within the {seconds:g} s deadline", "deadline") from None
+
+
+def predictions(result: JobResult, classes: list[str], top_k: int, requested: float,
+                policy: str) -> list[dict]:
+    probs, index = result.probabilities.topk(min(top_k, len(classes)), 1)
+    cost = result.cost
+    ratio, skipped = cost.ratio.tolist(), cost.skipped_ratio.tolist()
+    layers = cost.layer_skipped_ratio.tolist()
+    out = []
+    for i in range(probs.shape[0]):
+        out.append({
+            "top_k": [{"label": classes[j], "index": j, "probability": p}
+                      for p, j in zip(probs[i].tolist(), index[i].tolist(), strict=True)],
+            "budget": {"requested": requested, "effective": result.effective[i], "policy": policy},
+            "cost": {"dense_macs": cost.dense, "executed_macs": int(cost.executed[i]),
+                     "executed_ratio": ratio[i], "skipped_channel_ratio": skipped[i],
+                     "layer_skipped_ratio": layers[i]},
+        })
+    return out
+
+
+async def predict_with(request: Request, name: str | None) -> dict:
+    state = request.app.state.server
+    served = state.model(name)
+    request.state.model = served.name
+    data, body_params = await read_images(request, state.settings.max_images_per_request)
+    query = {k: v for k, v in request.query_params.items() if k in PARAMETERS}
+    params = validate_params({**query, **body_params})
+    max_pixels = state.settings.max_pixels
+    images = await run_in_threadpool(
+        lambda: torch.stack([preprocess(d, served.manifest, max_pixels) for d in data]))
+    result, budget, policy = await infer(request, served, images, params.budget, params.policy,
+                                         params.timeout)
+    total_ms = (time.perf_counter() - request.state.start) * 1e3
+    return {
+        "request_id": request.state.request_id, "model": served.name,
+        "predictions": predictions(result, served.classes, params.top_k, budget, policy),
+        "timing": {"queue_ms": result.queue_s * 1e3, "inference_ms": result.inference_s * 1e3,
+                   "total_ms": total_ms},
+    }
+
+
+PREDICT_DOC = """Classify one or more images under a compute budget.
+
+Send the image as `multipart/form-data` (field `file`, repeat it for several images), as a raw
+`image/*` body, or as JSON `{"image": "<base64>"}` (or `"images": [...]`). Parameters go in the
+query string (or in the JSON body / form fields): `budget` (0..1, fraction of the dense MACs;
+default: the model's operating point), `policy` (`threshold`, `topk`, `cap`), `top_k`,
+`timeout` (seconds)."""
+
+
+@router.post("/v1/models/{name}/predict", response_model=PredictResponse, tags=["v1"],
+             description=PREDICT_DOC)
+async def predict_model(name: str, request: Request) -> dict:
+    return await predict_with(request, name)
+
+
+@router.post("/v1/predict", response_model=PredictResponse, tags=["v1"],
+             description=PREDICT_DOC + "\n\nUses the default model.")
+async def predict_default(request: Request) -> dict:
+    return await predict_with(request, None)
+
+
+@router.get("/v1/models", tags=["v1"])
+async def list_models(request: Request) -> dict:
+    """Every model served: metadata, classes, budget floor, calibration and accuracy tables."""
+    state = request.app.state.server
+    return {"default": state.registry.default_name(),
+            "models": [m.metadata() for m in state.registry.models.values()],
+            "errors": state.registry.errors}
+
+
+@router.get("/v1/models/{name}", tags=["v1"])
+async def model_metadata(name: str, request: Request) -> dict:
+    registry = request.app.state.server.registry
+    if name not in registry.models:
+        raise ApiError(404, f"no model named {name!r}; see GET /v1/models", "unknown_model")
+    return registry.models[name].metadata()
