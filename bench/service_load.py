@@ -80,7 +80,7 @@ def bare_call_ms(weights: Path, model: str, budget: float, policy: str, image: b
 
     checkpoint = load_checkpoint(weights / model)
     executor = compact(checkpoint.model)
-    x = preprocess(image, checkpoint.manifest, 10**8)[None]
+    x = preprocess([image], checkpoint.manifest, 10**8)
     times = []
     for i in range(60):
         start = time.perf_counter()

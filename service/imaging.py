@@ -62,7 +62,8 @@ def to_tensor(image: Image.Image, size: int, mean, std) -> torch.Tensor:
     return (pixels - mean_t) / std_t
 
 
-def preprocess(data: bytes, manifest: dict, max_pixels: int) -> torch.Tensor:
-    """Encoded image bytes -> the model's normalized input tensor (3, size, size)."""
+def preprocess(images: list[bytes], manifest: dict, max_pixels: int) -> torch.Tensor:
+    """Encoded images -> the model's normalized input batch (N, 3, size, size)."""
     spec = manifest["input"]
-    return to_tensor(decode(data, max_pixels), spec["size"], spec["mean"], spec["std"])
+    return torch.stack([to_tensor(decode(data, max_pixels), spec["size"], spec["mean"],
+                                  spec["std"]) for data in images])

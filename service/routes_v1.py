@@ -155,8 +155,7 @@ async def predict_with(request: Request, name: str | None) -> dict:
     query = {k: v for k, v in request.query_params.items() if k in PARAMETERS}
     params = validate_params({**query, **body_params})
     max_pixels = state.settings.max_pixels
-    images = await run_in_threadpool(
-        lambda: torch.stack([preprocess(d, served.manifest, max_pixels) for d in data]))
+    images = await run_in_threadpool(preprocess, data, served.manifest, max_pixels)
     result, budget, policy = await infer(request, served, images, params.budget, params.policy,
                                          params.timeout)
     total_ms = (time.perf_counter() - request.state.start) * 1e3

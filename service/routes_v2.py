@@ -177,8 +177,7 @@ async def model_infer(name: str, request: Request) -> Response:
     kind, data = read_input(body, binary, state.settings, served.model.min_input_size)
     if kind == "IMAGE":
         max_pixels = state.settings.max_pixels
-        images = await run_in_threadpool(
-            lambda: torch.stack([preprocess(d, served.manifest, max_pixels) for d in data]))
+        images = await run_in_threadpool(preprocess, data, served.manifest, max_pixels)
     else:
         images = data
     result, _, _ = await infer(request, served, images, params.budget, params.policy,

@@ -39,10 +39,17 @@ def encode(fmt: str = "PNG", size=(40, 30), mode: str = "RGB", color=(200, 30, 3
 
 
 def wait_ready(get, timeout: float = 60) -> None:
+    """Poll /readyz through `get` (a client's get) until 200; a server still starting (its
+    port closed) counts as not ready."""
+    import httpx
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if get("/readyz").status_code == 200:
-            return
+        try:
+            if get("/readyz").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
         time.sleep(0.05)
     raise TimeoutError("server never became ready")
 
@@ -74,15 +81,7 @@ class ThreadedServer:
 
         self.thread.start()
         with httpx.Client(base_url=self.url, timeout=5) as client:
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    wait_ready(client.get)
-                    break
-                except httpx.TransportError:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.05)
+            wait_ready(client.get)
         return self
 
     def __exit__(self, *exc) -> None:
