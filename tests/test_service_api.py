@@ -248,6 +248,22 @@ def test_deadlines_refuse_or_drop_never_hang(weights):
         assert results["a"].status_code == 200
 
 
+def test_deadline_passing_in_the_queue_is_504(weights):
+    with make_client(weights, max_batch_size=1) as c:
+        wait_ready(c.get)
+        slow_down(c, 0.4)
+        for served in c.app.state.server.registry.models.values():
+            served.batcher.seconds_per_image = 0.0  # nothing looks hopeless up front
+        results = {}
+        first = threading.Thread(target=lambda: results.update(a=predict(c, encode())))
+        first.start()
+        time.sleep(0.05)
+        late = predict(c, encode(), "?timeout=0.15")
+        assert late.status_code == 504 and late.json()["reason"] == "deadline"
+        first.join()
+        assert results["a"].status_code == 200
+
+
 def test_model_listing(client):
     listing = client.get("/v1/models").json()
     assert listing["default"] == "cheap"
