@@ -69,6 +69,9 @@ class Batcher:
     def submit(self, job: Job) -> None:
         """Queue a job, or refuse it now: full queue, or a deadline it cannot meet."""
         s = self.settings
+        if job.size > s.max_queue_size:
+            raise ApiError(413, f"{job.size} images in one request; this server queues at most "
+                           f"{s.max_queue_size}", "too_many_images")
         if self.queued_images + job.size > s.max_queue_size:
             raise ApiError(s.reject_status, f"model {self.name!r} queue is full "
                            f"({self.queued_images} images waiting); retry later", "queue_full",

@@ -230,6 +230,9 @@ def test_full_queue_is_refused_with_retry_after(weights, status):
         assert 200 in codes and status in codes, codes
         refused = next(r for r in results if r.status_code == status)
         assert refused.json()["reason"] == "queue_full" and refused.headers["retry-after"] == "1"
+        files = [("file", (f"{i}.png", encode(), "image/png")) for i in range(3)]
+        too_many = c.post("/v1/predict", files=files)
+        assert too_many.status_code == 413 and too_many.json()["reason"] == "too_many_images"
 
 
 def test_deadlines_refuse_or_drop_never_hang(weights):
