@@ -7,7 +7,7 @@ not counted, as in fvcore, thop and ptflops.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -23,9 +23,17 @@ class Cost:
     totals: list[int]  # (L,) channels per gated layer
 
     def rows(self, index) -> Cost:
-        """The cost of some samples of the batch (a slice or an index tensor), on the CPU."""
-        return Cost(self.dense, self.executed[index].cpu(), self.gates[index].cpu(),
-                    self.kept[index].cpu(), self.totals)
+        """The cost of some samples of the batch (a slice or an index tensor), on the CPU.
+
+        Per-sample tensor fields (subclasses' too) are indexed; the rest is kept."""
+        batch = self.executed.shape[0]
+
+        def take(value):
+            if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == batch:
+                return value[index].cpu()
+            return value
+
+        return type(self)(**{f.name: take(getattr(self, f.name)) for f in fields(self)})
 
     @property
     def ratio(self) -> torch.Tensor:

@@ -5,15 +5,24 @@ from __future__ import annotations
 import dataclasses
 
 from .base import GatedNetwork
+from .channel_gating import CGResNet, CGResNetConfig, cg_resnet20, resnet20
 from .compact import CompactExecutor
+from .compact_channel_gating import CompactCGResNet
 from .compact_densenet import CompactDenseNet
+from .compact_dfs import CompactDFSResNet
 from .compact_resnext import CompactResNeXt
+from .compact_slimmable import CompactSlimmableResNet
 from .densenet import ACSDenseNet, DenseNetConfig, acs_densenet40, densenet40
+from .dfs import DFSResNet, DFSResNetConfig, dfs_resnet38, resnet38
 from .resnext import GResNeXt, ResNeXtConfig, g_resnext29, g_resnext50, g_resnext101
+from .slimmable import SlimmableResNet, SlimmableResNetConfig, slimmable_resnet20
 
 ARCHITECTURES = {
     "densenet": (ACSDenseNet, DenseNetConfig, CompactDenseNet),
     "resnext": (GResNeXt, ResNeXtConfig, CompactResNeXt),
+    "slimmable_resnet": (SlimmableResNet, SlimmableResNetConfig, CompactSlimmableResNet),
+    "cg_resnet": (CGResNet, CGResNetConfig, CompactCGResNet),
+    "dfs_resnet": (DFSResNet, DFSResNetConfig, CompactDFSResNet),
 }
 
 FACTORIES = {
@@ -22,6 +31,11 @@ FACTORIES = {
     "g_resnext29": g_resnext29,
     "g_resnext50": g_resnext50,
     "g_resnext101": g_resnext101,
+    "slimmable_resnet20": slimmable_resnet20,
+    "cg_resnet20": cg_resnet20,
+    "resnet20": resnet20,
+    "dfs_resnet38": dfs_resnet38,
+    "resnet38": resnet38,
 }
 
 

@@ -1,0 +1,324 @@
+"""Dynamic fractional skipping (DFS, Shen et al., AAAI 2020): per residual block, a gate
+chooses to skip the block or to run it at one of several bit-widths.
+
+Each gated block (every block whose shortcut is the identity) has a gate (global average
+pool -> FC -> sigmoid) that scores its precision levels 1..K, level k running the block with
+weights and activations fake-quantized to `bits[k-1]` bits (8 to 16; weights symmetric per
+output channel, activations unsigned per sample, both with straight-through gradients);
+level 0 skips the block (its output is its input). Scores are made non-increasing along the
+levels (a cumulative minimum), so a block's mask over its K levels is a prefix
+("thermometer"): the kept count is the level. The downsampling blocks (those with a 1x1
+projection shortcut) are not gated and always run at the highest bit-width; the stem, the
+projection shortcuts, the gates and the classifier run in full precision (32-bit).
+
+Cost. MACs at reduced precision are still MACs: `Cost.executed` counts every executed
+block in full, and only skipped blocks save MACs. Fake quantization saves no time on a CPU
+or GPU. The paper's figure is in bit-operations, BitOps = MACs x weight bits x activation
+bits, reported as `DFSCost.bitops` and labelled `BITOPS_LABEL`.
+
+Budget -> target computation percentage, in BitOps (`budget_unit = "bitops"`): the fraction
+of the BitOps of the network's most expensive configuration (every gated block at the
+highest bit-width, everything else at 32 bits, gates included; budget 1.0 runs it). The
+floor is every gated block skipped. Policies, on the thermometer scores:
+- threshold: a block runs at the highest level whose score is >= tau(b) (input-adaptive).
+- topk: every block runs at its table level counts_l(b) (the same BitOps for every request).
+- cap: threshold, but never above the topk level, so BitOps never exceed the budget.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import GatedNetwork
+from .budget import BudgetPlan, CalibrationTable
+from .dynamic_common import PrefixPlan, conv_out, prefix_mask, resnet_layout
+from .macs import Cost, kept_counts
+
+FULL_BITS = 32
+BITOPS_LABEL = "BitOps (fake-quantized: no wall-clock saving on CPU/GPU)"
+
+
+def quantize_weight(weight: torch.Tensor, bits: int) -> torch.Tensor:
+    """Symmetric uniform fake quantization per output channel: 2^bits - 1 levels in
+    [-max|w|, max|w|]; straight-through gradient."""
+    qmax = 2 ** (bits - 1) - 1
+    w = weight.detach()
+    scale = w.abs().amax(tuple(range(1, w.dim())), keepdim=True) / qmax
+    scale = scale.clamp(min=torch.finfo(w.dtype).tiny)
+    q = (w / scale).round().clamp(-qmax, qmax) * scale
+    return q + (weight - w)  # exactly q forward; gradient 1 backward
+
+
+def quantize_activation(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned uniform fake quantization per sample (dynamic range [0, max of the sample]):
+    2^bits levels; for non-negative (post-ReLU) activations; straight-through gradient."""
+    qmax = 2**bits - 1
+    v = x.detach()
+    scale = v.amax(tuple(range(1, v.dim())), keepdim=True) / qmax
+    scale = scale.clamp(min=torch.finfo(v.dtype).tiny)
+    q = (v / scale).round().clamp(0, qmax) * scale
+    return q + (x - v)  # exactly q forward; gradient 1 backward
+
+
+@dataclass(frozen=True)
+class DFSResNetConfig:
+    """A CIFAR ResNet (basic blocks) with DFS gates; gate False gives the full-precision
+    dense baseline."""
+
+    num_classes: int = 10
+    blocks: tuple[int, ...] = (6, 6, 6)
+    widths: tuple[int, ...] = (16, 32, 64)
+    bits: tuple[int, ...] = (8, 12, 16)
+    gate: bool = True
+    input_size: int = 32
+
+    def __post_init__(self) -> None:
+        bits = self.bits
+        if not bits or any(not 8 <= b <= 16 for b in bits) or any(b2 <= b1 for b1, b2 in
+                                                                  zip(bits, bits[1:], strict=False)):
+            raise ValueError(f"bits {bits} must increase, each from 8 to 16")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class DFSCost(Cost):
+    """Cost of a DFS forward pass: MACs (the base fields) and BitOps.
+
+    `bitops` (B,): executed BitOps; `bitops_dense`: the most expensive configuration's (the
+    budget's reference); `bitops_fp32`: the full-precision network's (no gates)."""
+
+    bitops: torch.Tensor | None = None
+    bitops_dense: int = 0
+    bitops_fp32: int = 0
+    bitops_label: str = BITOPS_LABEL
+
+    @property
+    def bitops_ratio(self) -> torch.Tensor:
+        """Executed BitOps over the most expensive configuration's (what the budget bounds)."""
+        return self.bitops.double() / self.bitops_dense
+
+
+class DFSGate(nn.Module):
+    """Global average pool -> FC -> sigmoid, made non-increasing over the K levels."""
+
+    def __init__(self, channels: int, levels: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(channels, levels)
+        nn.init.constant_(self.fc.bias, 1.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.fc(x.mean((2, 3)))).cummin(1).values
+
+    def macs(self) -> int:
+        return self.fc.in_features * self.fc.out_features
+
+
+class DFSBlock(nn.Module):
+    """Basic block, runnable in full precision or fake-quantized to a bit-width."""
+
+    def __init__(self, cin: int, cout: int, stride: int, levels: int | None) -> None:
+        super().__init__()
+        self.stride = stride
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = None
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                          nn.BatchNorm2d(cout))
+        self.gate = DFSGate(cin, levels) if levels and self.shortcut is None else None
+        self.fixed_bits: int | None = None  # bit-width of an ungated block (None: 32-bit)
+
+    def branch(self, x: torch.Tensor, bits: int | None = None,
+               weights: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """The residual branch in full precision (bits None) or fake-quantized to `bits`;
+        `weights`: the two already-quantized convolution weights, if at hand."""
+        w1, w2 = weights or (self.conv1.weight, self.conv2.weight)
+        if bits is not None:
+            x = quantize_activation(x, bits)
+            if weights is None:
+                w1 = quantize_weight(w1, bits)
+        h = F.relu(self.bn1(F.conv2d(x, w1, None, self.stride, 1)))
+        if bits is not None:
+            h = quantize_activation(h, bits)
+            if weights is None:
+                w2 = quantize_weight(w2, bits)
+        return self.bn2(F.conv2d(h, w2, None, 1, 1))
+
+    def full(self, x: torch.Tensor) -> torch.Tensor:
+        """An ungated block: the branch at `fixed_bits` (full precision if None) + shortcut."""
+        short = x if self.shortcut is None else self.shortcut(x)
+        return F.relu(self.branch(x, self.fixed_bits) + short)
+
+
+class DFSResNet(GatedNetwork):
+    """CIFAR ResNet with dynamic fractional skipping; see the module docstring."""
+
+    budget_unit = "bitops"
+    adaptive = True
+
+    def __init__(self, config: DFSResNetConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.input_size = config.input_size
+        c0 = config.widths[0]
+        levels = len(config.bits) if config.gate else None
+        self.stem = nn.Conv2d(3, c0, 3, padding=1, bias=False)
+        self.stem_bn = nn.BatchNorm2d(c0)
+        self.blocks = nn.ModuleList(DFSBlock(cin, cout, stride, levels)
+                                    for cin, cout, stride in resnet_layout(config.blocks, config.widths))
+        if config.gate:
+            for block in self.blocks:
+                if block.gate is None:
+                    block.fixed_bits = config.bits[-1]
+        self.fc = nn.Linear(config.widths[-1], config.num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    @property
+    def levels(self) -> int:
+        return len(self.config.bits)
+
+    def gated_blocks(self) -> list[DFSBlock]:
+        return [block for block in self.blocks if block.gate is not None]
+
+    def gated_totals(self) -> list[int]:
+        return [self.levels] * len(self.gated_blocks())
+
+    # --- budget mapping (BitOps) ---------------------------------------------------------
+
+    def plan(self, budget, policy: str, batch: int, device) -> PrefixPlan:
+        return PrefixPlan.resolve(self.table, budget, policy, batch, device)
+
+    def budget_ratio(self, cost: DFSCost) -> torch.Tensor:
+        """The per-sample figure the budget bounds: the BitOps ratio."""
+        return cost.bitops_ratio
+
+    def bitops_ratio(self, levels: list[int], height: int | None = None, width: int | None = None) -> float:
+        """BitOps ratio of one sample running gated block l at level levels[l]."""
+        return float(self.count_cost(levels, height, width).bitops_ratio[0])
+
+    def floor(self) -> float:
+        """BitOps ratio with every gated block skipped, at the native input size."""
+        return self.bitops_ratio([0] * len(self.gated_blocks()))
+
+    def uniform_table(self, step: float = 0.05) -> CalibrationTable:
+        """A data-free table in BitOps: blocks are raised one level at a time, first block
+        first, all to the lowest bit-width before any goes higher; each budget gets the
+        largest such configuration whose BitOps ratio is <= it. tau = 1 - levels kept/all."""
+        n, k = len(self.gated_blocks()), self.levels
+        if n == 0:
+            return CalibrationTable([1.0], [0.0], [[]], 1.0, "dense")
+        ladder = [[min(k, (i + n - 1 - j) // n) for j in range(n)] for i in range(n * k + 1)]
+
+        @functools.cache
+        def cost(i: int) -> float:
+            return self.bitops_ratio(ladder[i])
+
+        floor = cost(0)
+        grid = [round(i * step, 6) for i in range(1, round(1 / step) + 1)]
+        budgets = [floor] + [b for b in grid if b > floor + 1e-6]
+        taus, counts = [], []
+        for b in budgets:
+            lo, hi = 0, len(ladder) - 1  # the largest i with cost(i) <= b
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                lo, hi = (mid, hi) if cost(mid) <= b + 1e-9 else (lo, mid - 1)
+            counts.append(ladder[lo])
+            taus.append(round(1.0 - lo / (n * k), 6))
+        return CalibrationTable(budgets, taus, counts, floor, "uniform",
+                                {"budget_unit": BITOPS_LABEL, "bits": list(self.config.bits)})
+
+    # --- execution and cost -------------------------------------------------------------
+
+    def run(self, x: torch.Tensor, plan: BudgetPlan):
+        """Masked reference: each gated block's levels present in the batch (all K in
+        training, for the straight-through gradients) run on the whole batch; each sample
+        takes its level's output (level 0: the input)."""
+        masks, scores = [], []
+        h = F.relu(self.stem_bn(self.stem(x)))
+        k = self.levels
+        for block in self.blocks:
+            if block.gate is None:
+                h = block.full(h)
+                continue
+            s = block.gate(h)
+            level = plan.select(len(masks), s).sum(1)
+            m = prefix_mask(level, k).to(s.dtype)
+            if self.training:
+                m = m + s - s.detach()
+            masks.append(m)
+            scores.append(s)
+            # one-hot of the level from the thermometer mask: m_j - m_{j+1}
+            onehot = m - torch.cat([m[:, 1:], torch.zeros_like(m[:, :1])], 1)
+            present = range(1, k + 1) if self.training else sorted(set(level.tolist()) - {0})
+            branch = torch.zeros_like(h)
+            for j in present:
+                out = block.branch(h, self.config.bits[j - 1])
+                branch = branch + onehot[:, j - 1, None, None, None] * out
+            h = F.relu(h + branch)
+        return self.fc(h.mean((2, 3))), masks, scores
+
+    def macs(self, masks: list[torch.Tensor], height: int, width: int, batch: int = 1) -> DFSCost:
+        """MACs (a skipped block saves its MACs; quantization saves none) and BitOps
+        (MACs x bits^2: 32 bits outside the gated blocks, gates included)."""
+        batch = masks[0].shape[0] if masks else batch
+        device = masks[0].device if masks else None
+        kept = kept_counts(masks, batch, device)
+        full_ops = FULL_BITS * FULL_BITS
+        per_level = torch.tensor([0] + [b * b for b in self.config.bits], device=device)
+        top = self.config.bits[-1] ** 2
+        h, w = height, width
+        dense = h * w * 27 * self.stem.out_channels
+        executed = torch.full((batch,), dense, dtype=torch.long, device=device)
+        gates = torch.zeros_like(executed)
+        bitops = executed * full_ops
+        bitops_dense = dense * full_ops
+        gated = 0
+        for block in self.blocks:
+            ho, wo = conv_out(h, block.stride), conv_out(w, block.stride)
+            cin, cout = block.conv1.in_channels, block.conv1.out_channels
+            body = ho * wo * 9 * (cin * cout + cout * cout)
+            dense += body
+            if block.gate is None:
+                short = ho * wo * cin * cout if block.shortcut is not None else 0
+                dense += short
+                ops = full_ops if block.fixed_bits is None else block.fixed_bits**2
+                executed += body + short
+                bitops += body * ops + short * full_ops
+                bitops_dense += body * ops + short * full_ops
+            else:
+                level = kept[:, gated]
+                gate = block.gate.macs()
+                gates += gate
+                executed += gate + (level > 0) * body
+                bitops += gate * full_ops + body * per_level[level]
+                bitops_dense += gate * full_ops + body * top
+                gated += 1
+            h, w = ho, wo
+        classifier = self.fc.in_features * self.fc.out_features
+        dense += classifier
+        executed += classifier
+        bitops += classifier * full_ops
+        bitops_dense += classifier * full_ops
+        return DFSCost(dense, executed, gates, kept, self.gated_totals(), bitops, int(bitops_dense),
+                       dense * full_ops)
+
+
+def dfs_resnet38(num_classes: int = 10, **kwargs) -> DFSResNet:
+    """DFS ResNet-38 (3 stages of 6 basic blocks, 16/32/64 channels), bits 8/12/16."""
+    return DFSResNet(DFSResNetConfig(num_classes=num_classes, **kwargs))
+
+
+def resnet38(num_classes: int = 10, **kwargs) -> DFSResNet:
+    """The full-precision dense baseline: ResNet-38, the same code with the gates off."""
+    return DFSResNet(DFSResNetConfig(num_classes=num_classes, gate=False, **kwargs))

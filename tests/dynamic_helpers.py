@@ -1,0 +1,62 @@
+"""Shared helpers of the tests of the other dynamic methods (slimmable, channel gating, DFS)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from fvcore.nn import FlopCountAnalysis
+
+from models.slimmable import SwitchableBatchNorm2d
+from tests.conftest import randomize_bn
+
+
+def precision_pairs(model) -> dict:
+    """float32 and float64 (model, compact executor) pairs of one model."""
+    from models.registry import compact
+
+    double = copy.deepcopy(model).double()
+    return {torch.float32: (model, compact(model)), torch.float64: (double, compact(double))}
+
+
+def sample_images() -> torch.Tensor:
+    return torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+def fvcore_macs(model, size: int) -> int:
+    """Convolution and linear MACs counted by fvcore (one 'flop' per MAC), at budget 1.0."""
+    counter = FlopCountAnalysis(model.eval(), torch.randn(1, 3, size, size))
+    counter.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+    by_op = counter.by_operator()
+    return by_op.get("conv", 0) + by_op.get("linear", 0)
+
+
+def randomize_all_bn(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """randomize_bn, plus independent statistics for every width level of switchable BNs."""
+    randomize_bn(model, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, SwitchableBatchNorm2d):
+                m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=g) - 0.5)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) * 1.5 + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+    return model
+
+
+def infer(model, x, budget, policy="threshold"):
+    with torch.no_grad():
+        return model(x, budget=budget, policy=policy, return_info=True)
+
+
+def assert_compact_matches(model, executor, x, budget, policy, atol=1e-4):
+    """Compact == masked reference: logits, masks and executed MACs."""
+    expected, ref = infer(model, x, budget, policy)
+    logits, info = executor(x, budget=budget, policy=policy, return_info=True)
+    assert torch.allclose(logits, expected, atol=atol, rtol=atol), (logits - expected).abs().max()
+    assert len(info.masks) == len(ref.masks)
+    for got, want in zip(info.masks, ref.masks, strict=True):
+        assert torch.equal(got, want > 0)
+    assert torch.equal(info.cost.executed, ref.cost.executed)
+    return ref.cost, info.cost

@@ -1,0 +1,185 @@
+
+import pytest
+import torch
+
+from models.channel_gating import CGResNet, CGResNetConfig, cg_resnet20, resnet20
+from models.checkpoint import load_checkpoint, save_checkpoint
+from models.registry import compact
+from tests.conftest import randomize_bn
+from tests.dynamic_helpers import assert_compact_matches, fvcore_macs, infer, precision_pairs, sample_images
+
+BUDGETS = [0.0, 0.3, 0.45, 0.6, 0.75, 0.9, 1.0]
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return randomize_bn(cg_resnet20()).eval()
+
+
+@pytest.fixture(scope="module")
+def pairs(model):
+    return precision_pairs(model)
+
+
+@pytest.fixture(scope="module")
+def images():
+    return sample_images()
+
+
+def tiny():
+    return CGResNet(CGResNetConfig(num_classes=3, blocks=(1, 1), widths=(4, 8), base_fraction=0.5,
+                                   input_size=8))
+
+
+@pytest.mark.parametrize("size", [32, 48])
+@pytest.mark.parametrize("batch", [1, 8])
+def test_runs_at_any_size_and_batch(model, pairs, size, batch):
+    x = torch.randn(batch, 3, size, size)
+    logits, info = infer(model, x, 0.5)
+    assert logits.shape == (batch, 10) and torch.isfinite(logits).all()
+    assert info.cost.executed.shape == info.cost.pixel_executed.shape == (batch,)
+    assert len(info.masks) == len(model.gated_totals()) == 18
+    assert pairs[torch.float32][1](x, budget=0.5).shape == (batch, 10)
+
+
+@pytest.mark.parametrize("policy", ["threshold", "topk", "cap"])
+def test_cost_is_monotone_in_the_budget(model, images, policy):
+    costs = [infer(model, images, b, policy)[1].cost.executed.double().mean().item() for b in BUDGETS]
+    assert costs == sorted(costs) and costs[-1] > costs[0]
+
+
+def test_topk_cost_is_exact_and_within_budget(model, images):
+    for b in BUDGETS:
+        info = infer(model, images, b, "topk")[1]
+        executed = info.cost.executed
+        assert (executed == executed[0]).all()
+        counts = model.table.layer_counts(info.plan.effective[:1])[0].tolist()
+        assert executed[0] == model.count_cost(counts).executed[0]
+        assert info.cost.ratio[0] <= max(b, model.floor()) + 1e-9
+        assert torch.equal(info.cost.pixel_executed, executed)  # topk: every pixel of a kept channel
+
+
+def test_cap_never_exceeds_the_budget_per_request(model, images):
+    budgets = torch.rand(images.shape[0], generator=torch.Generator().manual_seed(3))
+    for scale in (1.0, 0.6, 0.3):
+        info = infer(model, images, budgets * scale, "cap")[1]
+        limit = torch.clamp(budgets.double() * scale, min=model.floor())
+        assert (info.cost.ratio <= limit + 1e-9).all()
+
+
+def test_pixel_count_is_the_ideal_below_the_executed(model, images):
+    full = infer(model, images, 1.0)[1].cost
+    assert (full.executed == full.dense).all() and torch.equal(full.pixel_executed, full.executed)
+    cost = infer(model, images, 0.5, "threshold")[1].cost
+    floor = model.count_cost([0] * 18).executed[0]
+    assert (cost.pixel_executed <= cost.executed).all() and (cost.pixel_executed >= floor).all()
+    assert (cost.pixel_executed < cost.executed).any()
+
+
+@pytest.mark.parametrize("policy", ["threshold", "topk", "cap"])
+@pytest.mark.parametrize("batch,dtype", [(1, torch.float32), (5, torch.float64)])
+@pytest.mark.parametrize("budget", [1.0, 0.5, 0.3, "mixed"])
+def test_compact_equals_masked_reference(pairs, policy, batch, dtype, budget):
+    """Per-pixel decisions turn a last-bit difference (batched vs single-sample kernels) into
+    a different decision now and then, so batches compare in float64."""
+    model, executor = pairs[dtype]
+    x = torch.randn(batch, 3, 32, 32, dtype=dtype)
+    if budget == "mixed":
+        budget = torch.linspace(0.2, 1.0, batch)
+    ref, got = assert_compact_matches(model, executor, x, budget, policy)
+    assert torch.equal(ref.pixel_executed, got.pixel_executed)
+
+
+def test_per_sample_mode_equals_batched(pairs):
+    model, executor = pairs[torch.float64]
+    x = torch.randn(4, 3, 40, 40, dtype=torch.float64)
+    budget = torch.tensor([0.3, 0.9, 0.3, 0.6])
+    batched = executor(x, budget=budget)
+    alone = executor(x, budget=budget, per_sample=True)
+    assert torch.allclose(batched, alone, atol=1e-6)
+
+
+@pytest.mark.parametrize("size", [32, 48])
+def test_dense_macs_match_fvcore(size):
+    dense = resnet20()
+    assert dense.macs([], size, size).dense == fvcore_macs(dense, size)
+    gated = cg_resnet20()  # at budget 1.0 every gate is open: partial sums + rests = the dense convs
+    cost = infer(gated, torch.randn(1, 3, size, size), 1.0)[1].cost
+    assert cost.dense == fvcore_macs(gated, size) == dense.macs([], size, size).dense
+    assert cost.executed.tolist() == [cost.dense]
+
+
+def test_tiny_by_hand():
+    model = tiny()
+    assert [c.base for c in model.convs()] == [2, 2, 2, 4]
+    stem = 64 * 27 * 4
+    dense = stem + 2 * 64 * 9 * 16 + 16 * 9 * 32 + 16 * 9 * 64 + 16 * 32 + 8 * 3
+    masks = [torch.tensor([[1, 0, 0, 0]]), torch.zeros(1, 4), torch.tensor([[1, 1, 1, 0, 0, 0, 0, 0]]),
+             torch.ones(1, 8)]
+    masks = [m.bool() for m in masks]
+    opened = [torch.tensor([10]), torch.tensor([0]), torch.tensor([5]), torch.tensor([100])]
+    cost = model.macs(masks, 8, 8, open_pixels=opened)
+    assert cost.dense == dense == 39704
+    # per conv: base partial sums for every output channel and pixel, the rest per kept channel
+    # (executed) or per open (channel, pixel) (pixel_executed); 18 = 9 * 2 rest inputs, 36 = 9 * 4
+    base = 64 * 9 * 2 * 4 + 64 * 9 * 2 * 4 + 16 * 9 * 2 * 8 + 16 * 9 * 4 * 8
+    fixed = stem + base + 16 * 32 + 8 * 3
+    assert cost.executed.tolist() == [fixed + 1 * 64 * 18 + 3 * 16 * 18 + 8 * 16 * 36]
+    assert cost.pixel_executed.tolist() == [fixed + 10 * 18 + 5 * 18 + 100 * 36]
+    assert cost.gates.tolist() == [0]
+    assert cost.kept.tolist() == [[1, 0, 3, 8]]
+    assert model.floor() == pytest.approx(fixed / dense)
+
+
+def test_open_pixels_follow_the_gate_scores():
+    """The reference's per-pixel count equals a recount from the gates' scores."""
+    model = randomize_bn(tiny()).eval()
+    x = torch.randn(2, 3, 8, 8)
+    _, info = infer(model, x, 0.6, "threshold")
+    tau = info.plan.tau
+    opened, h = [], torch.relu(model.stem_bn(model.stem(x)))
+    with torch.no_grad():
+        for block in model.blocks:
+            y = []
+            for conv in (block.conv1, block.conv2):
+                src = h if conv is block.conv1 else torch.relu(block.bn1(y[0]))
+                p = conv.partial(src)
+                open_ = conv.scores(p) >= tau[:, None, None, None]
+                opened.append(open_.sum((1, 2, 3)))
+                y.append(p + open_ * conv.rest(src))
+            h = torch.relu(block.bn2(y[1]) + block.short(h))
+    expected = model.macs([m > 0 for m in info.masks], 8, 8, open_pixels=opened)
+    assert torch.equal(info.cost.pixel_executed, expected.pixel_executed)
+
+
+def test_gradients_reach_the_gates():
+    model = randomize_bn(cg_resnet20()).train()
+    logits, info = model(torch.randn(2, 3, 32, 32), budget=0.5, return_info=True)
+    (logits.square().mean() + sum(m.sum() for m in info.masks) * 1e-3).backward()
+    for conv in model.convs():
+        assert conv.gate.weight.grad.abs().sum() > 0 and conv.gate.bias.grad.abs().sum() > 0
+
+
+def test_checkpoint_round_trip(model, tmp_path):
+    save_checkpoint(model, tmp_path / "cg", name="cg", classes=[f"c{i}" for i in range(10)])
+    loaded = load_checkpoint(tmp_path / "cg")
+    assert loaded.manifest["architecture"] == "cg_resnet"
+    assert loaded.manifest["config"]["base_fraction"] == 0.25
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded.model(x, budget=0.4), model(x, budget=0.4))
+    assert loaded.model.table == model.table
+
+
+def test_closed_channels_do_not_compute_their_rest(model, monkeypatch):
+    executor = compact(model)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the rest of a closed channel was computed")
+
+    for conv in model.convs():
+        monkeypatch.setattr(conv, "rest_weight", fail)
+    logits, info = executor(torch.randn(2, 3, 32, 32), budget=0.0, policy="topk", return_info=True)
+    assert (info.cost.kept == 0).all() and torch.isfinite(logits).all()
+    assert (info.cost.ratio == model.floor()).all()

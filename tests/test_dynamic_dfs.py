@@ -1,0 +1,210 @@
+
+import pytest
+import torch
+
+from models.checkpoint import load_checkpoint, save_checkpoint
+from models.dfs import (
+    BITOPS_LABEL,
+    DFSResNet,
+    DFSResNetConfig,
+    dfs_resnet38,
+    quantize_activation,
+    quantize_weight,
+    resnet38,
+)
+from models.registry import compact
+from tests.conftest import randomize_bn
+from tests.dynamic_helpers import assert_compact_matches, fvcore_macs, infer, precision_pairs, sample_images
+
+BUDGETS = [0.0, 0.15, 0.3, 0.45, 0.6, 0.75, 0.9, 1.0]
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return randomize_bn(dfs_resnet38()).eval()
+
+
+@pytest.fixture(scope="module")
+def pairs(model):
+    return precision_pairs(model)
+
+
+@pytest.fixture(scope="module")
+def images():
+    return sample_images()
+
+
+def tiny():
+    return DFSResNet(DFSResNetConfig(num_classes=3, blocks=(2, 1), widths=(4, 8), bits=(8, 16),
+                                     input_size=8))
+
+
+@pytest.mark.parametrize("size", [32, 48])
+@pytest.mark.parametrize("batch", [1, 8])
+def test_runs_at_any_size_and_batch(model, pairs, size, batch):
+    x = torch.randn(batch, 3, size, size)
+    logits, info = infer(model, x, 0.5)
+    assert logits.shape == (batch, 10) and torch.isfinite(logits).all()
+    assert info.cost.executed.shape == info.cost.bitops.shape == (batch,)
+    assert len(info.masks) == len(model.gated_totals()) == 16  # every identity-shortcut block
+    assert pairs[torch.float32][1](x, budget=0.5).shape == (batch, 10)
+
+
+def test_table_is_in_bitops(model):
+    table = model.table
+    assert table.budgets[0] == pytest.approx(model.floor()) and table.budgets[-1] == 1.0
+    assert table.extra["budget_unit"] == BITOPS_LABEL
+    for budget, counts in zip(table.budgets, table.counts, strict=True):
+        assert model.bitops_ratio(counts) <= budget + 1e-9
+    assert table.counts[-1] == [3] * 16
+    assert model.floor() == pytest.approx(model.count_cost([0] * 16).bitops_ratio[0].item())
+
+
+@pytest.mark.parametrize("policy", ["threshold", "topk", "cap"])
+def test_bitops_are_monotone_in_the_budget(model, images, policy):
+    costs = [infer(model, images, b, policy)[1].cost.bitops.double().mean().item() for b in BUDGETS]
+    assert costs == sorted(costs) and costs[-1] > costs[0]
+
+
+def test_topk_bitops_are_exact_and_within_budget(model, images):
+    for b in BUDGETS:
+        info = infer(model, images, b, "topk")[1]
+        bitops = info.cost.bitops
+        assert (bitops == bitops[0]).all()
+        counts = model.table.layer_counts(info.plan.effective[:1])[0].tolist()
+        assert info.cost.kept[0].tolist() == counts
+        assert bitops[0] == model.count_cost(counts).bitops[0]
+        assert info.cost.bitops_ratio[0] <= max(b, model.floor()) + 1e-9
+
+
+def test_cap_never_exceeds_the_budget_per_request(model, images):
+    budgets = torch.rand(images.shape[0], generator=torch.Generator().manual_seed(3))
+    for scale in (1.0, 0.6, 0.3):
+        info = infer(model, images, budgets * scale, "cap")[1]
+        limit = torch.clamp(budgets.double() * scale, min=model.floor())
+        assert (info.cost.bitops_ratio <= limit + 1e-9).all()
+        assert (model.budget_ratio(info.cost) == info.cost.bitops_ratio).all()
+
+
+def test_masks_are_thermometers(model, images):
+    for policy in ("threshold", "topk", "cap"):
+        info = infer(model, images, 0.5, policy)[1]
+        for mask, scores in zip(info.masks, info.scores, strict=True):
+            kept = mask > 0
+            assert (kept[:, 1:] <= kept[:, :-1]).all()  # a prefix of the precision levels
+            assert (scores[:, 1:] <= scores[:, :-1]).all()
+
+
+@pytest.mark.parametrize("policy", ["threshold", "topk", "cap"])
+@pytest.mark.parametrize("batch,dtype", [(1, torch.float32), (5, torch.float64)])
+@pytest.mark.parametrize("budget", [1.0, 0.5, 0.2, "mixed"])
+def test_compact_equals_masked_reference(pairs, policy, batch, dtype, budget):
+    """Rounding to 8..16 bits turns a last-bit difference (batched vs single-sample kernels)
+    into a one-step difference now and then, so batches compare in float64."""
+    model, executor = pairs[dtype]
+    x = torch.randn(batch, 3, 32, 32, dtype=dtype)
+    if budget == "mixed":
+        budget = torch.linspace(0.1, 1.0, batch)
+    ref, got = assert_compact_matches(model, executor, x, budget, policy)
+    assert torch.equal(ref.bitops, got.bitops)
+
+
+def test_skipped_blocks_are_not_computed(model, monkeypatch):
+    executor = compact(model)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a skipped block was computed")
+
+    for block in model.gated_blocks():
+        monkeypatch.setattr(block, "branch", fail)
+    logits, info = executor(torch.randn(2, 3, 32, 32), budget=0.0, policy="topk", return_info=True)
+    assert (info.cost.kept == 0).all() and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("size", [32, 48])
+def test_dense_macs_match_fvcore(size):
+    dense = resnet38()
+    assert dense.macs([], size, size).dense == fvcore_macs(dense, size)
+    gated = dfs_resnet38()
+    cost = infer(gated, torch.randn(1, 3, size, size), 1.0)[1].cost
+    assert cost.dense == dense.macs([], size, size).dense
+    assert cost.executed.tolist() == [fvcore_macs(gated, size)]  # every block, plus the gates
+    assert cost.executed[0] == cost.dense + cost.gates[0]
+    assert cost.gates[0] == sum(b.gate.macs() for b in gated.gated_blocks())
+
+
+def test_tiny_by_hand():
+    model = tiny()
+    assert model.gated_totals() == [2, 2] and model.blocks[2].fixed_bits == 16
+    stem, block, down, short, fc, gate = 64 * 27 * 4, 64 * 9 * 32, 16 * 9 * 96, 16 * 32, 8 * 3, 4 * 2
+    masks = [torch.tensor([[True, True]]), torch.tensor([[False, False]])]  # 16-bit, skipped
+    cost = model.macs(masks, 8, 8)
+    assert cost.dense == stem + 2 * block + down + short + fc == 58136
+    assert cost.executed.tolist() == [stem + 2 * gate + block + down + short + fc]
+    assert cost.gates.tolist() == [2 * gate]
+    fp = 32 * 32
+    assert cost.bitops.tolist() == [fp * (stem + 2 * gate + short + fc) + 16 * 16 * (block + down)]
+    assert cost.bitops_dense == fp * (stem + 2 * gate + short + fc) + 16 * 16 * (2 * block + down)
+    assert cost.bitops_fp32 == fp * 58136
+    assert cost.bitops_label == BITOPS_LABEL
+    eight = model.macs([torch.tensor([[True, False]])] * 2, 8, 8)  # both blocks at 8 bits
+    assert eight.executed.tolist() == [cost.dense + 2 * gate]  # quantized MACs are still MACs
+    assert eight.bitops.tolist() == [fp * (stem + 2 * gate + short + fc) + 8 * 8 * 2 * block + 16 * 16 * down]
+    floor = (fp * (stem + 2 * gate + short + fc) + 16 * 16 * down) / cost.bitops_dense
+    assert model.floor() == pytest.approx(floor)
+
+
+@pytest.mark.parametrize("bits", range(8, 17))
+def test_fake_quantization_levels(bits):
+    g = torch.Generator().manual_seed(bits)
+    w = torch.randn(3, 64, 3, 3, generator=g)
+    q = quantize_weight(w, bits)
+    qmax = 2 ** (bits - 1) - 1
+    scale = w.abs().amax((1, 2, 3), keepdim=True) / qmax
+    steps = q / scale
+    assert torch.allclose(steps, steps.round(), atol=1e-3) and steps.abs().max() <= qmax + 1e-3
+    assert ((q - w).abs() <= scale / 2 + 1e-6).all()
+    assert all(len(q[i].unique()) <= 2**bits - 1 for i in range(3))
+    x = torch.rand(2, 8, 16, 16, generator=g) * 5
+    a = quantize_activation(x, bits)
+    ascale = x.amax((1, 2, 3), keepdim=True) / (2**bits - 1)
+    steps = a / ascale
+    assert torch.allclose(steps, steps.round(), atol=1e-3) and (a >= 0).all()
+    assert torch.equal(a.amax((1, 2, 3)), x.amax((1, 2, 3)))  # the range is kept
+    assert ((a - x).abs() <= ascale / 2 + 1e-6).all()
+    assert all(len(a[i].unique()) <= 2**bits for i in range(2))
+    if bits == 8:  # few enough levels to be visible
+        assert len(q[0].unique()) < 255 < 576 and len(a[0].unique()) <= 256
+
+
+def test_quantization_gradients_are_straight_through():
+    w = torch.randn(4, 4, 3, 3, requires_grad=True)
+    x = torch.rand(2, 4, 5, 5, requires_grad=True)
+    (quantize_weight(w, 8).sum() + quantize_activation(x, 8).sum()).backward()
+    assert torch.equal(w.grad, torch.ones_like(w)) and torch.equal(x.grad, torch.ones_like(x))
+
+
+def test_bits_outside_8_to_16_are_rejected():
+    for bits in [(4, 8), (8, 32), (16, 8)]:
+        with pytest.raises(ValueError, match="bits"):
+            DFSResNetConfig(bits=bits)
+
+
+def test_gradients_reach_the_gates():
+    model = randomize_bn(DFSResNet(DFSResNetConfig(blocks=(2, 2, 2)))).train()
+    logits, info = model(torch.randn(4, 3, 32, 32), budget=0.6, return_info=True)
+    logits.square().mean().backward()
+    for block in model.gated_blocks():
+        assert block.gate.fc.weight.grad.abs().sum() > 0
+
+
+def test_checkpoint_round_trip(model, tmp_path):
+    save_checkpoint(model, tmp_path / "dfs", name="dfs", classes=[f"c{i}" for i in range(10)])
+    loaded = load_checkpoint(tmp_path / "dfs")
+    assert loaded.manifest["architecture"] == "dfs_resnet"
+    assert loaded.manifest["config"]["bits"] == [8, 12, 16]
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded.model(x, budget=0.4), model(x, budget=0.4))
+    assert loaded.model.table == model.table

@@ -1,0 +1,48 @@
+"""The other dynamic methods are servable: one checkpoint of each, through the /v1 API."""
+
+import pytest
+import torch
+
+from models.channel_gating import cg_resnet20
+from models.checkpoint import save_checkpoint
+from models.dfs import dfs_resnet38
+from models.slimmable import slimmable_resnet20
+from tests.dynamic_helpers import randomize_all_bn
+from tests.service_helpers import CLASSES, encode, make_client, wait_ready
+
+FACTORIES = {"slim": slimmable_resnet20, "cg": cg_resnet20, "dfs": dfs_resnet38}
+ARCHITECTURES = {"slim": "slimmable_resnet", "cg": "cg_resnet", "dfs": "dfs_resnet"}
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory):
+    root = tmp_path_factory.mktemp("weights")
+    torch.manual_seed(0)
+    for name, factory in FACTORIES.items():
+        save_checkpoint(randomize_all_bn(factory()).eval(), root / name, name=name, classes=CLASSES)
+    with make_client(str(root), max_batch_size=2) as c:
+        wait_ready(c.get)
+        yield c
+
+
+@pytest.mark.parametrize("name", sorted(FACTORIES))
+@pytest.mark.parametrize("policy", ["threshold", "topk", "cap"])
+def test_predict_with_a_budget(client, name, policy):
+    response = client.post(f"/v1/models/{name}/predict?budget=0.5&policy={policy}",
+                           files={"file": ("x.png", encode(), "image/png")})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model"] == name
+    prediction = body["predictions"][0]
+    assert len(prediction["top_k"]) == 5
+    assert prediction["budget"]["requested"] == 0.5 and prediction["budget"]["policy"] == policy
+    cost = prediction["cost"]
+    assert 0 < cost["executed_macs"] <= cost["dense_macs"] * 1.01
+    if name != "dfs":  # the DFS budget is in BitOps: its MAC ratio may be above it
+        assert cost["executed_ratio"] <= 0.5 + 1e-6 or policy == "threshold"
+
+
+def test_models_are_listed_with_their_architectures(client):
+    models = {m["name"]: m for m in client.get("/v1/models").json()["models"]}
+    assert {n: models[n]["architecture"] for n in FACTORIES} == ARCHITECTURES
+    assert all(models[n]["ready"] and models[n]["gated"] for n in FACTORIES)
