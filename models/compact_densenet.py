@@ -40,6 +40,7 @@ class _Consumer:
         self.stats, self.eps = bn_stats(bn), bn.eps
         self.const = F.relu(bn_affine(bn)[1])
         self.weight = weight.detach()
+        self.weight_t = self.weight.T.contiguous()  # (C, O): present channels gather as rows
         self.bias = torch.zeros(weight.shape[0]) if bias is None else bias.detach()
         self.full_bias = self.bias + self.weight @ self.const  # every channel skipped
         self.channels = weight.shape[1]
@@ -53,9 +54,9 @@ class _Consumer:
         if b == 1:
             p = present[0]
             y = F.batch_norm(x, *self.stats.index_select(1, p), False, 0.0, self.eps).relu_()
-            weight = self.weight.index_select(1, p)
-            bias = self.full_bias - weight @ self.const.index_select(0, p)
-            return _linear(self.pool(y), weight, bias)
+            weight_t = self.weight_t.index_select(0, p)
+            bias = self.full_bias - self.const.index_select(0, p) @ weight_t
+            return _linear(self.pool(y), weight_t.T, bias)
         mean, var, weight, bias = gather_rows(self.stats.T, present).permute(2, 0, 1)
         scale = weight / torch.sqrt(var + self.eps)
         shift = bias - mean * scale

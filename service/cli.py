@@ -29,7 +29,8 @@ def main(argv=None) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port,
-                            log_level=settings.log_level, timeout_graceful_shutdown=60)
+                            log_level=settings.log_level,
+                            timeout_graceful_shutdown=int(settings.graceful_timeout_s))
     DrainingServer(config, app.state.server).run()
 
 

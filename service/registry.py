@@ -95,6 +95,7 @@ class ModelRegistry:
                              time.monotonic() - start)
         self.metrics.load_seconds.labels(name).set(served.load_seconds)
         self.metrics.model_ready.labels(name).set(0)
+        self.metrics.queue_depth.labels(name).set(0)  # exists before the first request
         return served
 
     def warm_up(self, served: ServedModel) -> None:
