@@ -8,6 +8,7 @@ import warnings
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+from starlette.concurrency import run_in_threadpool
 
 from .errors import ApiError
 
@@ -60,6 +61,18 @@ def to_tensor(image: Image.Image, size: int, mean, std) -> torch.Tensor:
     mean_t = torch.tensor(mean, dtype=torch.float32)[:, None, None]
     std_t = torch.tensor(std, dtype=torch.float32)[:, None, None]
     return (pixels - mean_t) / std_t
+
+
+# Payloads up to this size decode on the event loop (tens of microseconds); larger ones go to
+# a worker thread, so a big image never stalls other requests.
+INLINE_DECODE_BYTES = 16 * 1024
+
+
+async def preprocess_async(images: list[bytes], manifest: dict, max_pixels: int) -> torch.Tensor:
+    """preprocess(), inline for small payloads, else in a worker thread."""
+    if sum(len(data) for data in images) <= INLINE_DECODE_BYTES:
+        return preprocess(images, manifest, max_pixels)
+    return await run_in_threadpool(preprocess, images, manifest, max_pixels)
 
 
 def preprocess(images: list[bytes], manifest: dict, max_pixels: int) -> torch.Tensor:

@@ -25,6 +25,7 @@ def budget_tier(budget: float) -> str:
 class Metrics:
     def __init__(self, version: str, device: str) -> None:
         r = self.registry = CollectorRegistry()
+        self._layers: dict = {}
         m = ("model",)
         self.requests = Counter("acs_requests", "HTTP requests", ("route", "code"), registry=r)
         self.request_seconds = Histogram("acs_request_duration_seconds", "HTTP request time",
@@ -76,6 +77,15 @@ class Metrics:
         self.executed_macs.labels(model).inc(executed)
         self.saved_macs.labels(model).inc(max(cost.dense * len(ratios) - executed, 0))
         kept = cost.kept.sum(0).tolist()
-        for layer, (total, k) in enumerate(zip(cost.totals, kept, strict=True)):
-            self.layer_skipped.labels(model, str(layer)).inc(total * len(ratios) - k)
-            self.layer_channels.labels(model, str(layer)).inc(total * len(ratios))
+        for (skipped_counter, channels_counter), total, k in zip(
+                self._layer_counters(model, len(kept)), cost.totals, kept, strict=True):
+            skipped_counter.inc(total * len(ratios) - k)
+            channels_counter.inc(total * len(ratios))
+
+    def _layer_counters(self, model: str, layers: int) -> list:
+        """(skipped, channels) counter children of every layer of a model, looked up once."""
+        key = (model, layers)
+        if key not in self._layers:
+            self._layers[key] = [(self.layer_skipped.labels(model, str(i)),
+                                  self.layer_channels.labels(model, str(i))) for i in range(layers)]
+        return self._layers[key]

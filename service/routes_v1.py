@@ -12,11 +12,10 @@ from typing import Literal
 import torch
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field, ValidationError
-from starlette.concurrency import run_in_threadpool
 
 from .batching import Job, JobResult
 from .errors import ApiError
-from .imaging import preprocess
+from .imaging import preprocess_async
 
 router = APIRouter()
 
@@ -155,7 +154,7 @@ async def predict_with(request: Request, name: str | None) -> dict:
     query = {k: v for k, v in request.query_params.items() if k in PARAMETERS}
     params = validate_params({**query, **body_params})
     max_pixels = state.settings.max_pixels
-    images = await run_in_threadpool(preprocess, data, served.manifest, max_pixels)
+    images = await preprocess_async(data, served.manifest, max_pixels)
     result, budget, policy = await infer(request, served, images, params.budget, params.policy,
                                          params.timeout)
     total_ms = (time.perf_counter() - request.state.start) * 1e3

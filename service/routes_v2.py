@@ -17,11 +17,10 @@ import numpy as np
 import torch
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-from starlette.concurrency import run_in_threadpool
 
 from . import __version__
 from .errors import ApiError
-from .imaging import preprocess
+from .imaging import preprocess_async
 from .routes_v1 import infer, validate_params
 
 router = APIRouter(tags=["v2"])
@@ -177,7 +176,7 @@ async def model_infer(name: str, request: Request) -> Response:
     kind, data = read_input(body, binary, state.settings, served.model.min_input_size)
     if kind == "IMAGE":
         max_pixels = state.settings.max_pixels
-        images = await run_in_threadpool(preprocess, data, served.manifest, max_pixels)
+        images = await preprocess_async(data, served.manifest, max_pixels)
     else:
         images = data
     result, _, _ = await infer(request, served, images, params.budget, params.policy,
