@@ -1,0 +1,139 @@
+"""Closed-loop calibration of the budget table on the calibration split (held out of train).
+
+Closed loop: the masks are applied while measuring, so every gate reads what the layers
+before it really computed, and the executed MACs are those the threshold policy spends in
+serving. For each budget b of a grid (the floor, then every `step` up to 1.0):
+
+- tau(b): the smallest threshold whose mean executed-MAC ratio over the calibration images
+  is <= b, by bisection; all budgets' candidate thresholds run in one batched pass, each
+  image repeated once per budget with its own threshold.
+- counts_l(b), for topk and cap: where the threshold policy spends at tau(b) (each layer's
+  mean kept fraction), scaled as high as a cost <= b allows, never below the counts of the
+  next lower budget; what is left of b is then filled greedily.
+
+So the table is monotone: tau never increases and no count decreases with the budget.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from models.base import GatedNetwork
+from models.budget import BudgetPlan, CalibrationTable
+
+from .data import normalize
+from .evaluate import measure
+
+
+@torch.no_grad()
+def threshold_pass(model: GatedNetwork, images: torch.Tensor, taus: torch.Tensor, mean, std,
+                   device: torch.device | str = "cpu", batch_size: int = 512):
+    """Closed-loop executed-MAC ratios (K, N) of every image at each of K thresholds, and
+    each layer's mean kept channels (K, L)."""
+    model.eval()
+    k, layers = len(taus), len(model.gated_totals())
+    per = max(1, batch_size // k)
+    ratios, kept = [], torch.zeros(k, layers, dtype=torch.float64)
+    for start in range(0, len(images), per):
+        x = normalize(images[start : start + per].to(device), mean, std)
+        b = x.shape[0]
+        tau = taus.float().to(device).repeat_interleave(b)
+        plan = BudgetPlan("threshold", 1 - tau, 1 - tau, tau,
+                          torch.zeros(k * b, layers, dtype=torch.long, device=device))
+        _, masks, _ = model.run(x.repeat(k, 1, 1, 1), plan)
+        cost = model.macs([m > 0 for m in masks], *x.shape[-2:])
+        ratios.append(cost.ratio.view(k, b).cpu())
+        kept += cost.kept.view(k, b, layers).sum(1).cpu()
+    return torch.cat(ratios, 1), kept / len(images)
+
+
+def budget_grid(floor: float, step: float) -> list[float]:
+    """The floor, then step, 2 step, ... 1.0 as float32 values: requests arrive as float32, and
+    the table's per-layer counts are looked up by exact comparison with its budgets."""
+    grid = torch.tensor([i * step for i in range(1, round(1 / step) + 1)], dtype=torch.float32)
+    return [floor] + [b for b in grid.double().tolist() if b > floor + 1e-6]
+
+
+def calibrate(model: GatedNetwork, images: torch.Tensor, mean, std, device="cpu", step: float = 0.05,
+              iterations: int = 10) -> CalibrationTable:
+    """A monotone closed-loop table for the model from uint8 calibration images."""
+    if not model.gated:
+        return model.uniform_table()
+    floor = model.floor()
+    budgets = budget_grid(floor, step)
+    target = torch.tensor(budgets, dtype=torch.float64) + 1e-9
+    lo, hi = torch.zeros(len(budgets)), torch.ones(len(budgets))
+    for _ in range(iterations):
+        mid = (lo + hi) / 2
+        fits = threshold_pass(model, images, mid, mean, std, device)[0].mean(1) <= target
+        hi, lo = torch.where(fits, mid, hi), torch.where(fits, lo, mid)
+    everything = threshold_pass(model, images, torch.zeros(1), mean, std, device)[0].mean()
+    taus = torch.where(everything <= target, torch.zeros_like(hi), hi).cummin(0).values
+    ratio, kept = threshold_pass(model, images, taus, mean, std, device)
+    counts = [[0] * len(model.gated_totals())]
+    for layer_kept, b in zip(kept, budgets, strict=True):
+        counts.append(fitted_counts(model, layer_kept, b, counts[-1]))
+    counts = counts[1:]
+    extra = {"method": "closed-loop bisection of tau; counts follow the threshold policy's "
+                       "per-layer spending", "images": len(images),
+             "threshold_ratio_mean": [round(v, 4) for v in ratio.mean(1).tolist()],
+             "threshold_ratio_p95": [round(v, 4) for v in ratio.quantile(0.95, dim=1).tolist()]}
+    return CalibrationTable(budgets, [round(t, 6) for t in taus.tolist()], counts, floor,
+                            "closed-loop", extra)
+
+
+def fitted_counts(model: GatedNetwork, kept: torch.Tensor, budget: float, lower: list[int],
+                  iterations: int = 30) -> list[int]:
+    """Per-layer counts proportional to `kept`, never below `lower` (the next lower budget's
+    counts, whose cost fits), scaled as high as a cost <= budget allows; then the budget left
+    is filled a channel group at a time, the most used layers first."""
+    totals, groups = model.gated_totals(), model.gated_groups()
+    profile = (kept / torch.tensor(totals, dtype=torch.float64)).tolist()
+
+    def scaled(scale: float) -> list[int]:
+        return [max(low, min(t, int(scale * p * t / g + 1e-9) * g))
+                for p, t, g, low in zip(profile, totals, groups, lower, strict=True)]
+
+    def fits(counts: list[int]) -> bool:
+        return float(model.count_cost(counts).ratio[0]) <= budget + 1e-9
+
+    lo, hi = 0.0, 1.0 / max(min((p for p in profile if p > 0), default=1.0), 1e-6)
+    for _ in range(iterations):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if fits(scaled(mid)) else (lo, mid)
+    counts = scaled(hi) if fits(scaled(hi)) else scaled(lo)
+    for layer in sorted(range(len(totals)), key=lambda i: -profile[i]):
+        while counts[layer] < totals[layer]:
+            trial = list(counts)
+            trial[layer] += groups[layer]
+            if not fits(trial):
+                break
+            counts = trial
+    return counts
+
+
+@torch.no_grad()
+def bn_check(model: GatedNetwork, images: torch.Tensor, labels: torch.Tensor, mean, std,
+             device="cpu", budgets=(0.25, 0.5, 0.75, 1.0)) -> list[dict]:
+    """Would BN statistics re-estimated per budget bucket help? For each budget: top-1 and
+    executed-MAC ratio (threshold policy) on every other image, with the trained BN statistics
+    and with statistics re-estimated at that budget on the images in between."""
+    fit, held = images[0::2], (images[1::2], labels[1::2])
+    rows = []
+    for budget in (b for b in budgets if b >= model.floor()):
+        recal = copy.deepcopy(model).train()
+        for m in recal.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.reset_running_stats()
+                m.momentum = None  # a cumulative average over the batches
+        for start in range(0, len(fit), 256):
+            recal(normalize(fit[start : start + 256].to(device), mean, std), budget=budget)
+        row = {"budget": budget}
+        for key, net in (("trained", model), ("re-estimated", recal)):
+            correct, ratio = measure(net, *held, budget, "threshold", mean, std, device)
+            row[f"top1_{key}"] = round(correct.float().mean().item(), 4)
+            row[f"ratio_{key}"] = round(ratio.mean().item(), 4)
+        rows.append(row)
+    return rows

@@ -1,0 +1,200 @@
+"""acs-train: from a dataset to a servable checkpoint in weights/.
+
+    acs-train prepare   --data DIR                 decode once into a uint8 cache
+    acs-train train     --data DIR --run runs/X    budget-conditioned training (--resume)
+    acs-train calibrate --run runs/X               closed-loop tau(b) and per-layer counts
+    acs-train evaluate  --run runs/X               test split: JSON, Markdown, PNG
+    acs-train export    --run runs/X               weights/X/: safetensors, manifest, card
+    acs-train all       --data DIR --run runs/X    train, calibrate, evaluate, export
+
+Under torchrun, `train` (and the training part of `all`) runs data-parallel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+import time
+from dataclasses import fields
+from pathlib import Path
+
+from models.budget import POLICIES
+
+from .calibrate import bn_check, calibrate
+from .config import TrainConfig, load_splits, resume_config, run_config
+from .data import default_cache, load_dataset
+from .evaluate import evaluate, write_report
+from .export import export
+from .state import CALIBRATION, load_trained, write_json
+from .train import pick_device, train
+
+SUPPRESS = argparse.SUPPRESS
+
+
+def train_arguments(p: argparse.ArgumentParser) -> None:
+    """Options that become TrainConfig fields; unset ones keep the config's defaults."""
+    a = functools.partial(p.add_argument, default=SUPPRESS)
+    a("--data", help="image folders (train/<class>, test/<class>), cifar-10-batches-py, or a cache file")
+    a("--arch", help="acs_densenet40 (default), densenet40, g_resnext29/50/101, densenet, resnext")
+    a("--config", dest="model_config", type=json.loads,
+      help='architecture config overrides as JSON, e.g. \'{"gate": "cheap", "growth": 12}\'')
+    a("--dataset-name", help="name in the model card and manifest (default: the data folder's name)")
+    a("--cache", help="decoded cache file (default: beside the data folder)")
+    a("--image-size", type=int)
+    a("--workers", type=int, help="image decoding threads")
+    a("--calib-fraction", type=float, help="share of every class held out of train (default 0.1)")
+    a("--limit", type=int, help="cap every split at N random images (smoke runs)")
+    a("--epochs", type=int)
+    a("--batch-size", type=int, help="global batch (split over DDP processes)")
+    a("--lr", type=float)
+    a("--momentum", type=float)
+    a("--weight-decay", type=float)
+    a("--warmup", type=float, help="share of the steps with a linear warmup")
+    a("--random-budgets", type=int, help="random budgets per step, beside full and floor (default 2)")
+    a("--min-budget", type=float, help="lowest random budget (default: the model's floor)")
+    a("--cost-weight", type=float, help="weight of (executed-MAC ratio - budget)^2 (default 2)")
+    a("--dg-weight", type=float, help="weight of the DGConv regularizer (default 1e-3)")
+    a("--seed", type=int)
+    a("--amp", action="store_true", help="bfloat16 autocast on CUDA")
+    a("--compile", action="store_true", help="torch.compile the model")
+
+
+def run_arguments(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--run", required=required, help="run folder (config, checkpoint, calibration, eval)")
+    p.add_argument("--device", default=SUPPRESS, help="auto (default), cpu, cuda, cuda:1, ...")
+
+
+def calibrate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--step", type=float, default=0.05, help="budget grid step (default 0.05)")
+    p.add_argument("--iterations", type=int, default=10, help="bisection steps per threshold")
+    p.add_argument("--bn-check", action="store_true",
+                   help="measure whether BN statistics re-estimated per budget bucket would help")
+
+
+def evaluate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--budgets", type=float, nargs="+", help="default: the floor, 0.1, 0.2, ... 1.0")
+    p.add_argument("--policies", nargs="+", choices=POLICIES, default=list(POLICIES))
+
+
+def export_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", help="checkpoint folder (default: weights/<name>)")
+    p.add_argument("--name", help="model name (default: the run folder's name)")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="acs-train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    prep = sub.add_parser("prepare", help="decode a dataset once into a uint8 cache")
+    prep.add_argument("--data", required=True)
+    prep.add_argument("--cache")
+    prep.add_argument("--image-size", type=int, default=32)
+    prep.add_argument("--workers", type=int)
+    prep.add_argument("--force", action="store_true", help="decode even if the cache matches")
+    tr = sub.add_parser("train", help="train or resume a run")
+    run_arguments(tr)
+    train_arguments(tr)
+    tr.add_argument("--resume", action="store_true", help="continue the run from its last checkpoint")
+    cal = sub.add_parser("calibrate", help="closed-loop calibration on the calibration split")
+    run_arguments(cal)
+    cal.add_argument("--limit", type=int, default=SUPPRESS)
+    calibrate_arguments(cal)
+    ev = sub.add_parser("evaluate", help="accuracy and executed MACs on the test split")
+    run_arguments(ev)
+    ev.add_argument("--limit", type=int, default=SUPPRESS)
+    evaluate_arguments(ev)
+    ex = sub.add_parser("export", help="write weights/<name>/ with its model card")
+    run_arguments(ex)
+    export_arguments(ex)
+    every = sub.add_parser("all", help="train, calibrate, evaluate, export")
+    run_arguments(every)
+    train_arguments(every)
+    every.add_argument("--resume", action="store_true")
+    calibrate_arguments(every)
+    evaluate_arguments(every)
+    export_arguments(every)
+    return p
+
+
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    names = {f.name for f in fields(TrainConfig)}
+    given = {k: v for k, v in vars(args).items() if k in names}
+    if args.resume:
+        return resume_config(args.run, given)
+    if "data" not in given:
+        raise SystemExit("acs-train: --data is required (unless --resume)")
+    return TrainConfig(**given)
+
+
+def command_overrides(args: argparse.Namespace) -> dict:
+    return {k: getattr(args, k) for k in ("device", "limit") if hasattr(args, k)}
+
+
+def run_calibrate(args: argparse.Namespace) -> None:
+    cfg = run_config(args.run, **command_overrides(args))
+    device = pick_device(cfg.device)
+    splits = load_splits(cfg)
+    data = splits.data
+    images, labels = data.train_x[splits.calibration], data.train_y[splits.calibration]
+    model = load_trained(Path(args.run), calibrated=False).to(device)
+    started = time.time()
+    model.table = calibrate(model, images, data.mean, data.std, device, args.step, args.iterations)
+    if args.bn_check:
+        model.table.extra["bn_per_budget"] = bn_check(model, images, labels, data.mean, data.std, device)
+    write_json(Path(args.run) / CALIBRATION, model.table.to_dict())
+    table = model.table
+    print(f"calibrated on {len(images)} images in {time.time() - started:.1f} s:")
+    for i, (b, t) in enumerate(zip(table.budgets, table.taus, strict=True)):
+        executed = table.extra.get("threshold_ratio_mean", table.budgets)[i]
+        print(f"  budget {b:.3f}  tau {t:.4f}  executed {executed:.3f}  counts {sum(table.counts[i])}")
+    for row in model.table.extra.get("bn_per_budget", []):
+        print("  BN check:", row)
+
+
+def run_evaluate(args: argparse.Namespace) -> None:
+    cfg = run_config(args.run, **command_overrides(args))
+    device = pick_device(cfg.device)
+    splits = load_splits(cfg)
+    data = splits.data
+    model = load_trained(Path(args.run)).to(device)
+    if model.table.source == "uniform" and model.gated:
+        print("warning: the run is not calibrated; evaluating with the uniform table", file=sys.stderr)
+    result = evaluate(model, data.test_x[splits.test], data.test_y[splits.test], data.mean, data.std,
+                      device, args.budgets, tuple(args.policies))
+    write_report(result, Path(args.run), f"{Path(args.run).name} ({result['images']} test images)")
+    for row in result["rows"]:
+        print(f"  {row['policy']:9s} budget {row['budget']:.3f}  top-1 {100 * row['top1']:.2f}%  "
+              f"MACs {row['ratio_mean']:.3f} mean, {row['ratio_p95']:.3f} p95, {row['ratio_max']:.3f} max")
+
+
+def run_export(args: argparse.Namespace) -> None:
+    name = args.name or Path(args.run).name
+    out = export(args.run, args.out or Path("weights") / name, name)
+    print(f"exported {out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.command == "prepare":
+        data = load_dataset(args.data, args.cache, args.image_size, args.workers, args.force)
+        source = Path(args.data)
+        cache = args.cache or (source if source.suffix == ".safetensors" else
+                               default_cache(source, args.image_size))
+        print(f"{cache}: {len(data.train_y)} train and {len(data.test_y)} test images of "
+              f"{len(data.classes)} classes, {data.image_size}x{data.image_size}; "
+              f"mean {data.mean}, std {data.std}")
+        return 0
+    if args.command in ("train", "all"):
+        train(train_config(args), resume=args.resume)
+        if int(os.environ.get("RANK", "0")) != 0:
+            return 0
+    if args.command in ("calibrate", "all"):
+        run_calibrate(args)
+    if args.command in ("evaluate", "all"):
+        run_evaluate(args)
+    if args.command in ("export", "all"):
+        run_export(args)
+    return 0

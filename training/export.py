@@ -1,0 +1,89 @@
+"""Export a run as a servable checkpoint: weights/<name>/ with model.safetensors and
+manifest.json (models/checkpoint.py), and a model card beside them: README.md with the
+accuracy-vs-budget table, accuracy_vs_macs.png and eval.json."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import torch
+
+from models.checkpoint import load_checkpoint, save_checkpoint
+
+from .evaluate import EVAL_JSON, PLOT, markdown_table
+from .state import CALIBRATION, load_trained, read_config, read_progress
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                             cwd=Path(__file__).parent)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return out.stdout.strip()
+
+
+def export(run: str | Path, out: str | Path, name: str | None = None) -> Path:
+    """Write the run's calibrated model and model card to `out`; verifies that it loads."""
+    run, out = Path(run), Path(out)
+    name = name or out.name
+    if not (run / CALIBRATION).is_file():
+        raise FileNotFoundError(f"{run}: not calibrated; run `acs-train calibrate --run {run}` first")
+    config = read_config(run)
+    model = load_trained(run)
+    progress = read_progress(run)
+    result = json.loads((run / EVAL_JSON).read_text()) if (run / EVAL_JSON).is_file() else None
+    data = config["data"]
+    provenance = {
+        "dataset": data["name"], "data_fingerprint": data["fingerprint"],
+        "images": {k: data[k] for k in ("train_images", "calibration_images", "test_images")},
+        "train": config["train"], "epochs": progress["epoch"], "steps": progress["step"],
+        "last_epoch": progress["history"][-1] if progress["history"] else None,
+        "calibration": {"source": model.table.source, "images": model.table.extra.get("images")},
+        "evaluation": {"split": "test", "images": result["images"]} if result else None,
+        "torch": torch.__version__, "git_commit": git_commit(),
+    }
+    save_checkpoint(model, out, name=name, classes=data["classes"], mean=data["mean"], std=data["std"],
+                    accuracy=result["rows"] if result else [], provenance=provenance)
+    if result:
+        shutil.copy(run / EVAL_JSON, out / EVAL_JSON)
+        if (run / PLOT).is_file():
+            shutil.copy(run / PLOT, out / PLOT)
+    (out / "README.md").write_text(model_card(name, config, progress, model, result))
+    load_checkpoint(out)
+    return out
+
+
+def model_card(name: str, config: dict, progress: dict, model, result: dict | None) -> str:
+    train, data = config["train"], config["data"]
+    last = progress["history"][-1] if progress["history"] else {}
+    dense = model.count_cost([0] * len(model.gated_totals())).dense
+    lines = [
+        f"# {name}", "",
+        f"`{train['arch']}` ({config['architecture']}, gate `{config['model'].get('gate')}`), trained "
+        f"with `acs-train` on {data['name']}: {data['train_images']} training images, "
+        f"{data['calibration_images']} held out of train for calibration, {data['test_images']} test "
+        "images.", "",
+        "| | |", "| --- | --- |",
+        f"| config | `{json.dumps(config['model'])}` |",
+        f"| input | {data['image_size']}x{data['image_size']}, mean {data['mean']}, std {data['std']} |",
+        f"| dense MACs | {dense / 1e6:.1f} M; floor (every gated channel skipped) {model.floor():.3f} |",
+        f"| training | {progress['epoch']} epochs, {progress['step']} steps, batch {train['batch_size']}, "
+        f"lr {train['lr']}, budgets per step: full, floor, {train['random_budgets']} random; "
+        f"cost weight {train['cost_weight']}, DGConv weight {train['dg_weight']}, seed {train['seed']} |",
+        f"| last epoch | {json.dumps(last)} |",
+        f"| calibration | {model.table.source} on {model.table.extra.get('images')} calibration images |",
+    ]
+    if train.get("limit"):
+        lines.append(f"| **subset** | every split capped at {train['limit']} images: a smoke run |")
+    if result:
+        lines += ["", f"## Accuracy and executed MACs on the test split ({result['images']} images)", "",
+                  markdown_table(result), f"![accuracy vs MACs]({PLOT})"]
+    lines += ["", "## Use", "", "```python", "from models.checkpoint import load_checkpoint",
+              f'ckpt = load_checkpoint("weights/{name}")',
+              "logits = ckpt.model(x, budget=0.5, policy=\"threshold\")  # x: normalized (B, 3, H, W)",
+              "```"]
+    return "\n".join(lines) + "\n"

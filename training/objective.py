@@ -1,0 +1,133 @@
+"""The training objective: one model for every budget.
+
+Each step runs the batch at several budgets (`sample_budgets`): the full budget with
+cross-entropy on the labels, then the floor and random budgets distilled in place from the
+full-budget output (soft cross-entropy), as slimmable networks do. Every pass adds a
+compute-cost term, (mean executed-MAC ratio - effective budget)^2, that drives the threshold
+policy's executed MACs toward the budget; the first pass adds the DGConv regularizer.
+
+How the passes run:
+- threshold policy with a linear training table, tau(b) = 1 - (b - floor) / (1 - floor); the
+  cost term shapes the gate scores to fit it, and calibration replaces it after training;
+- BatchNorm normalizes with batch statistics (and updates its running ones) in the full pass
+  only, with its running statistics in the others, as in serving (`running_bn`): a channel
+  skipped for the whole batch would otherwise have zero batch variance, and the
+  straight-through gradient through it explodes;
+- the gates learn from the random budgets only: at the full budget and at the floor the masks
+  (keep all, keep none) do not depend on the scores, and the straight-through gradient there
+  would only push every score up, unopposed by the cost term (`gates_frozen`).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from models.base import ForwardInfo, GatedNetwork
+from models.budget import CalibrationTable
+from models.gates import GATES
+
+
+def sample_budgets(floor: float, random: int, generator: torch.Generator,
+                   low: float | None = None) -> list[float]:
+    """One step's budgets: full (1.0) first, the floor, then `random` uniform in [low, 1].
+
+    `low` defaults to the floor. An ungated (dense) network has the single budget 1.0.
+    """
+    if floor >= 1.0:
+        return [1.0]
+    low = floor if low is None else max(low, floor)
+    return [1.0, floor, *(low + (1 - low) * torch.rand(random, generator=generator)).tolist()]
+
+
+def training_table(model: GatedNetwork) -> CalibrationTable:
+    """tau(b) = 1 - (b - floor) / (1 - floor): the threshold the training passes use."""
+    totals = model.gated_totals()
+    if not totals:
+        return model.uniform_table()
+    floor = model.floor()
+    return CalibrationTable([floor, 1.0], [1.0, 0.0], [[0] * len(totals), totals], floor, "training")
+
+
+@contextmanager
+def gates_frozen(model: torch.nn.Module):
+    """Forward passes inside send no gradient into the gates (their scores are detached)."""
+    handles = [m.register_forward_hook(lambda module, args, out: out.detach())
+               for m in model.modules() if isinstance(m, tuple(GATES.values()))]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def running_bn(model: torch.nn.Module):
+    """BatchNorm layers normalize with their running statistics inside and leave them as they
+    are, as in serving (the rest of the model stays in training mode)."""
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    modes = [m.training for m in layers]
+    for m in layers:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, mode in zip(layers, modes, strict=True):
+            m.train(mode)
+
+
+class CostModel:
+    """Executed-MAC ratio per sample, differentiable in the gates' straight-through masks.
+
+    The value is exact (`ForwardInfo.cost`, from the hard masks); the gradient is that of a
+    linearization: each kept channel of gated layer l costs its layer's marginal MACs per
+    channel at the full network (its own convolutions, what later layers spend reading it,
+    its gate's input), over the dense MACs.
+    """
+
+    def __init__(self, model: GatedNetwork) -> None:
+        totals = model.gated_totals()
+        full = model.count_cost(totals)
+        self.per_channel = []
+        for layer, total in enumerate(totals):
+            counts = list(totals)
+            counts[layer] = 0
+            saved = int(full.executed[0] - model.count_cost(counts).executed[0])
+            self.per_channel.append(saved / (total * full.dense))
+
+    def ratio(self, info: ForwardInfo) -> torch.Tensor:
+        exact = info.cost.ratio.float()
+        if not info.masks:
+            return exact
+        linear = sum(w * m.float().sum(1) for w, m in zip(self.per_channel, info.masks, strict=True))
+        return exact.to(linear.device) + linear - linear.detach()
+
+
+@dataclass
+class Objective:
+    """Loss of one budget pass: task term + cost term (+ DGConv regularizer)."""
+
+    cost: CostModel
+    cost_weight: float = 2.0
+    dg_weight: float = 1e-3
+
+    def __call__(self, model: GatedNetwork, logits: torch.Tensor, info: ForwardInfo,
+                 labels: torch.Tensor | None = None, teacher: torch.Tensor | None = None,
+                 regularize: bool = False) -> tuple[torch.Tensor, dict]:
+        """Cross-entropy on `labels`, or soft cross-entropy on `teacher` probabilities."""
+        logits = logits.float()
+        if teacher is None:
+            task = F.cross_entropy(logits, labels)
+        else:
+            task = -(teacher * F.log_softmax(logits, 1)).sum(1).mean()
+        ratio = self.cost.ratio(info)
+        target = info.plan.effective.float().mean()
+        loss = task
+        if info.masks:
+            loss = loss + self.cost_weight * (ratio.mean() - target).square()
+        if regularize and self.dg_weight:
+            loss = loss + self.dg_weight * model.regularizer().to(loss.device)
+        return loss, {"task": task.detach(), "ratio": ratio.detach().mean(), "target": target}
