@@ -11,7 +11,6 @@ included). Below the network's floor it is clamped to the floor.
 
 from __future__ import annotations
 
-import bisect
 import math
 from dataclasses import asdict, dataclass, field
 
@@ -65,9 +64,12 @@ class CalibrationTable:
         return (taus[lo] + w * (taus[hi] - taus[lo])).float().to(budget.device)
 
     def layer_counts(self, budget: torch.Tensor) -> torch.Tensor:
-        """Per-layer counts (B, L) of the largest grid budget <= each budget (cost <= b)."""
-        rows = [max(bisect.bisect_right(self.budgets, float(b) + 1e-9) - 1, 0) for b in budget]
-        return torch.tensor([self.counts[r] for r in rows], dtype=torch.long, device=budget.device)
+        """Per-layer counts (B, L) of the largest grid budget <= each budget (cost <= b).
+
+        The tolerance absorbs float32 rounding (0.7 arrives as 0.69999999)."""
+        grid = torch.tensor(self.budgets, dtype=torch.float64, device=budget.device)
+        rows = (torch.searchsorted(grid, budget.double() + 1e-6, right=True) - 1).clamp(min=0)
+        return torch.tensor(self.counts, dtype=torch.long, device=budget.device)[rows]
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -100,6 +100,12 @@ def test_per_sample_budgets(model, images):
     assert executed[0] == executed[3] < executed[2] == executed[5] < executed[1] == executed[4]
 
 
+def test_grid_budgets_in_float32_pick_their_own_row():
+    table = CalibrationTable([0.1, 0.6, 0.7, 1.0], [0.9, 0.4, 0.3, 0.0], [[1], [6], [7], [10]], 0.1)
+    budgets = torch.tensor([0.7, 0.65, 0.1, 0.35, 1.0], dtype=torch.float32)
+    assert table.layer_counts(budgets).flatten().tolist() == [7, 6, 1, 1, 10]
+
+
 @pytest.mark.parametrize("bad", [1.5, -0.1, float("nan"), [0.5, 0.5, 0.5]])
 def test_invalid_budgets_are_clear_errors(bad):
     model = acs_densenet40().eval()

@@ -21,7 +21,7 @@ import copy
 import torch
 
 from models.base import GatedNetwork
-from models.budget import BudgetPlan, CalibrationTable
+from models.budget import CalibrationTable
 
 from .data import normalize
 from .evaluate import measure
@@ -40,8 +40,8 @@ def threshold_pass(model: GatedNetwork, images: torch.Tensor, taus: torch.Tensor
         x = normalize(images[start : start + per].to(device), mean, std)
         b = x.shape[0]
         tau = taus.float().to(device).repeat_interleave(b)
-        plan = BudgetPlan("threshold", 1 - tau, 1 - tau, tau,
-                          torch.zeros(k * b, layers, dtype=torch.long, device=device))
+        plan = model.plan(1 - tau, "threshold", k * b, device)
+        plan.tau = tau  # each image copy's own threshold
         _, masks, _ = model.run(x.repeat(k, 1, 1, 1), plan)
         cost = model.macs([m > 0 for m in masks], *x.shape[-2:])
         ratios.append(cost.ratio.view(k, b).cpu())

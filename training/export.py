@@ -39,8 +39,8 @@ def export(run: str | Path, out: str | Path, name: str | None = None) -> Path:
     data = config["data"]
     provenance = {
         "dataset": data["name"], "data_fingerprint": data["fingerprint"],
-        "images": {k: data[k] for k in ("train_images", "calibration_images", "test_images")},
-        "train": config["train"], "epochs": progress["epoch"], "steps": progress["step"],
+        "train_images": data["train_images"], "train": config["train"],
+        "epochs": progress["epoch"], "steps": progress["step"],
         "last_epoch": progress["history"][-1] if progress["history"] else None,
         "calibration": {"source": model.table.source, "images": model.table.extra.get("images")},
         "evaluation": {"split": "test", "images": result["images"]} if result else None,
@@ -64,9 +64,8 @@ def model_card(name: str, config: dict, progress: dict, model, result: dict | No
     lines = [
         f"# {name}", "",
         f"`{train['arch']}` ({config['architecture']}, gate `{config['model'].get('gate')}`), trained "
-        f"with `acs-train` on {data['name']}: {data['train_images']} training images, "
-        f"{data['calibration_images']} held out of train for calibration, {data['test_images']} test "
-        "images.", "",
+        f"with `acs-train` on {data['name']}: {data['train_images']} training images; "
+        f"{data['calibration_images']} more held out of train for validation and calibration.", "",
         "| | |", "| --- | --- |",
         f"| config | `{json.dumps(config['model'])}` |",
         f"| input | {data['image_size']}x{data['image_size']}, mean {data['mean']}, std {data['std']} |",

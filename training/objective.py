@@ -49,6 +49,8 @@ def training_table(model: GatedNetwork) -> CalibrationTable:
     if not totals:
         return model.uniform_table()
     floor = model.floor()
+    if floor >= 1.0:
+        raise ValueError(f"the gates alone cost {floor:.2f} of the dense network; nothing to save")
     return CalibrationTable([floor, 1.0], [1.0, 0.0], [[0] * len(totals), totals], floor, "training")
 
 

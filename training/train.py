@@ -115,7 +115,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> GatedNetwork:
             "data": {"name": cfg.dataset_name or Path(cfg.data).name, "fingerprint": data.fingerprint,
                      "classes": data.classes, "mean": data.mean, "std": data.std,
                      "image_size": data.image_size, "train_images": len(splits.train),
-                     "calibration_images": len(splits.calibration), "test_images": len(splits.test)}})
+                     "calibration_images": len(splits.calibration)}})
     cuda = device.type == "cuda"
     model.to(device, memory_format=torch.channels_last if cuda else torch.preserve_format)
     optimizer = make_optimizer(model, cfg)
@@ -195,7 +195,8 @@ def train_step(net, model: GatedNetwork, ddp: DistributedDataParallel | None, ob
         with nullcontext() if sync else ddp.no_sync():
             with (autocast, running_bn(model) if i > 0 else nullcontext(),
                   gates_frozen(model) if i < 2 else nullcontext()):
-                logits, info = net(x, budget=budget, return_info=True)
+                # a tensor budget: torch.compile does not specialize (recompile) on its value
+                logits, info = net(x, budget=torch.tensor(budget), return_info=True)
             loss, stats = objective(model, logits, info, labels=y, teacher=teacher, regularize=i == 0)
             loss.backward()
         if teacher is None:
