@@ -18,13 +18,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import json
 import os
 import platform
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,71 +31,11 @@ from string import Template
 
 import httpx
 import yaml
-from PIL import Image
+from common import ROOT, free_port, make_weights, percentile, png_bytes, start_acs_serve, stop, wait_http
 
-ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = ROOT / "deploy" / "scaleout" / "nginx.conf.template"
 PROMETHEUS_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
-CLASSES = [f"class{i}" for i in range(10)]
 PREDICT = r'route=~".+/(predict|infer)"'
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def png_bytes() -> bytes:
-    buf = io.BytesIO()
-    Image.effect_noise((32, 32), 64).convert("RGB").save(buf, "PNG")
-    return buf.getvalue()
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
-
-
-def wait_http(url: str, seconds: float, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"{url} did not answer 200 within {seconds:.0f} s")
-
-
-def stop(proc: subprocess.Popen, timeout: float = 30) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def make_weights(root: Path, model: str) -> None:
-    from models.checkpoint import save_checkpoint
-    from models.densenet import acs_densenet40
-
-    save_checkpoint(acs_densenet40(gate="cheap").eval(), root / model, name=model,
-                    classes=CLASSES, provenance={"note": "random weights, for timing only"})
-
-
-def start_replica(weights: Path, port: int, args, log) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "ACS_API_KEY": ""}
-    cmd = [sys.executable, "-m", "service", "--weights-dir", str(weights), "--host", "127.0.0.1",
-           "--port", str(port), "--device", "cpu", "--threads", str(args.threads),
-           "--max-batch-size", str(args.max_batch_size), "--max-queue-size", "1024",
-           "--log-level", "warning"]
-    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
 def start_nginx(prefix: Path, port: int, replica_ports: list[int], workers: int) -> subprocess.Popen:
@@ -205,10 +142,10 @@ def run(args) -> dict:
         tmp = Path(tmp)
         weights = Path(args.weights) if args.weights else tmp / "weights"
         if not args.weights:
-            make_weights(weights, args.model)
+            make_weights(weights, args.model, gate="cheap")
         ports = [free_port() for _ in range(most)]
         log = open(tmp / "replicas.log", "wb")  # noqa: SIM115
-        replicas = [start_replica(weights, p, args, log) for p in ports]
+        replicas = [start_acs_serve(weights, p, args.threads, args.max_batch_size, log=log) for p in ports]
         procs = list(replicas)
         try:
             for proc, port in zip(replicas, ports, strict=True):

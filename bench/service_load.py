@@ -14,51 +14,29 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import json
 import os
-import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
 import torch
-from PIL import Image
+from common import free_port, make_weights, percentile, png_bytes, start_acs_serve, stop, wait_http
 
-from models.checkpoint import load_checkpoint, save_checkpoint
-from models.registry import FACTORIES, compact
-
-CLASSES = [f"class{i}" for i in range(10)]
-
-
-def png_bytes() -> bytes:
-    buf = io.BytesIO()
-    Image.effect_noise((32, 32), 64).convert("RGB").save(buf, "PNG")
-    return buf.getvalue()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+from models.checkpoint import load_checkpoint
+from models.registry import compact
 
 
 async def closed_loop(url: str, path: str, body: bytes, concurrency: int, seconds: float) -> dict:
     latencies, errors = [], {}
-    stop = time.perf_counter() + seconds
+    deadline = time.perf_counter() + seconds
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
         async def worker():
-            while time.perf_counter() < stop:
+            while time.perf_counter() < deadline:
                 start = time.perf_counter()
                 r = await client.post(path, content=body, headers={"content-type": "image/png"})
                 if r.status_code == 200:
@@ -91,21 +69,9 @@ def bare_call_ms(weights: Path, model: str, budget: float, policy: str, image: b
 
 
 def start_server(weights: Path, port: int, args) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    cmd = [sys.executable, "-m", "service", "--weights-dir", str(weights), "--port", str(port),
-           "--max-batch-size", str(args.max_batch_size), "--threads", str(args.threads),
-           "--max-queue-size", "1024", "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, env=env)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("server did not become ready")
+    proc = start_acs_serve(weights, port, args.threads, args.max_batch_size)
+    wait_http(f"http://127.0.0.1:{port}/readyz", 120, proc)
+    return proc
 
 
 def main() -> None:
@@ -124,9 +90,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         weights = Path(args.weights or tmp)
         if not args.weights:
-            model = FACTORIES["acs_densenet40"](gate="cheap").eval()
-            save_checkpoint(model, weights / args.model, name=args.model, classes=CLASSES,
-                            provenance={"note": "random weights, for timing only"})
+            make_weights(weights, args.model, gate="cheap")
         image = png_bytes()
         bare = {b: bare_call_ms(weights, args.model, b, args.policy, image) for b in args.budgets}
         port = free_port()
@@ -142,8 +106,7 @@ def main() -> None:
                     rows.append({"budget": budget, "concurrency": c, **result,
                                  "bare_ms": bare[budget]})
         finally:
-            proc.terminate()
-            proc.wait(timeout=60)
+            stop(proc, 60)
     print("| budget | concurrency | p50 ms | p90 ms | p99 ms | images/s | errors |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
