@@ -6,7 +6,7 @@ mask), the executed-MAC ratio, the share of time spent in the gates, and for bat
 latency of running every sample alone (per_sample_ms) instead of batched/grouped ops. Configurations are
 timed round-robin, so drift on a shared machine hits them all alike.
 
-    python bench/skip_speed.py                       # CPU, batch 1 and 32, printed table
+    python bench/skip_speed.py --plot skip.png       # CPU, batch 1 and 32, table and plot
     python bench/skip_speed.py --json out.json --device cuda --batch 1 256
 """
 
@@ -19,6 +19,7 @@ import statistics
 import time
 
 import torch
+from common import plot_by_batch
 
 from models.checkpoint import load_checkpoint
 from models.registry import FACTORIES, compact
@@ -127,6 +128,14 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def plot(rows: list[dict], path: str) -> None:
+    """Latency relative to budget 1.0 against the executed-MAC ratio, a panel per batch size."""
+    gated = [r for r in rows if sum(q["model"] == r["model"] for q in rows) > len({q["batch"] for q in rows})]
+    plot_by_batch(gated, path, "mac_ratio", "vs_budget_1", "executed-MAC ratio",
+                  "latency / latency at budget 1.0",
+                  decorate=lambda ax: ax.plot([0, 1], [0, 1], "k:", lw=1, label="time = MACs"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=["acs_densenet40", "acs_densenet40_cheap",
@@ -141,6 +150,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--json", help="write the rows and the machine here")
+    parser.add_argument("--plot", help="write a PNG of relative latency against MACs here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -152,6 +162,8 @@ def main() -> None:
                 if torch.cuda.is_available() else None}
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=2)
+    if args.plot:
+        plot(rows, args.plot)
 
 
 if __name__ == "__main__":

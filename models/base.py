@@ -10,6 +10,7 @@ from torch import nn
 
 from .budget import BudgetPlan, CalibrationTable, uniform_counts
 from .dgconv import DGConv2d
+from .gates import GATES
 from .macs import Cost
 
 DEFAULT_GRID_STEP = 0.05
@@ -36,9 +37,16 @@ def masks_from_counts(counts: list[int], totals: list[int], groups: list[int]) -
 
 
 class GatedNetwork(nn.Module):
-    """Base of the ACS networks; `budget` is a per-call argument, never module state."""
+    """Base of the ACS networks; `budget` is a per-call argument, never module state.
+
+    `budget_unit`: what a budget is a fraction of (dense MACs, unless a network says
+    otherwise, as DFS does with BitOps); `adaptive`: whether the cost at a budget depends on
+    the input (it does not for slimmable widths: nothing to calibrate on data).
+    """
 
     input_size: int = 32
+    budget_unit: str = "macs"
+    adaptive: bool = True
 
     def gated_totals(self) -> list[int]:
         """Channels of each gated layer, in execution order."""
@@ -54,6 +62,14 @@ class GatedNetwork(nn.Module):
         `batch` is used only when there are no masks (an ungated network).
         """
         raise NotImplementedError
+
+    def budget_ratio(self, cost: Cost) -> torch.Tensor:
+        """The per-sample figure a budget bounds, in `budget_unit`: the executed-MAC ratio."""
+        return cost.ratio
+
+    def gate_modules(self) -> list[nn.Module]:
+        """The modules whose outputs are gate scores (training can detach them)."""
+        return [m for m in self.modules() if isinstance(m, tuple(GATES.values()))]
 
     def run(self, x: torch.Tensor, plan: BudgetPlan) -> tuple[torch.Tensor, list, list]:
         """Masked reference execution: (logits, masks, scores)."""

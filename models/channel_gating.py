@@ -144,8 +144,6 @@ class CGBlock(nn.Module):
 class CGResNet(GatedNetwork):
     """Channel-gated CIFAR ResNet; see the module docstring for the budget mapping."""
 
-    budget_unit = "macs"
-    adaptive = True
 
     def __init__(self, config: CGResNetConfig) -> None:
         super().__init__()
@@ -168,9 +166,8 @@ class CGResNet(GatedNetwork):
     def gated_totals(self) -> list[int]:
         return [conv.out_channels for conv in self.convs() if conv.gate is not None]
 
-    def budget_ratio(self, cost: Cost) -> torch.Tensor:
-        """The per-sample figure the budget bounds: the executed-MAC ratio."""
-        return cost.ratio
+    def gate_modules(self) -> list[nn.Module]:
+        return [conv.gate for conv in self.convs() if conv.gate is not None]
 
     def forward(self, x: torch.Tensor, budget: float | torch.Tensor | None = None,
                 policy: str = "threshold", return_info: bool = False):

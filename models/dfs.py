@@ -163,7 +163,6 @@ class DFSResNet(GatedNetwork):
     """CIFAR ResNet with dynamic fractional skipping; see the module docstring."""
 
     budget_unit = "bitops"
-    adaptive = True
 
     def __init__(self, config: DFSResNetConfig) -> None:
         super().__init__()
@@ -193,6 +192,9 @@ class DFSResNet(GatedNetwork):
 
     def gated_totals(self) -> list[int]:
         return [self.levels] * len(self.gated_blocks())
+
+    def gate_modules(self) -> list[nn.Module]:
+        return [block.gate for block in self.gated_blocks()]
 
     # --- budget mapping (BitOps) ---------------------------------------------------------
 

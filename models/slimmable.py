@@ -20,8 +20,9 @@ per width level: budget = that width's MAC ratio, counts = its per-layer channel
 runs the widest level whose cost is <= its budget, so its cost never exceeds the budget
 (above the narrowest width's cost, the floor). Widths do not depend on the input, so the
 policies coincide: threshold, topk and cap all run that width (tau is ignored); `scores` are
-a fixed channel priority (earlier channels first). Training: `sandwich_step` (sandwich rule
-with in-place distillation), `SlimmableResNet.sample_widths`, `recalibrate_bn`.
+a fixed channel priority (earlier channels first). Training: the training CLI's budget passes
+(widest, narrowest, random; in-place distillation) are the sandwich rule here, every width
+with batch statistics; `recalibrate_bn` re-estimates each width's statistics afterwards.
 """
 
 from __future__ import annotations
@@ -179,7 +180,6 @@ class SlimBlock(nn.Module):
 class SlimmableResNet(GatedNetwork):
     """A slimmable CIFAR ResNet; see the module docstring for the budget mapping."""
 
-    budget_unit = "macs"
     adaptive = False  # the cost does not depend on the input: no data calibration needed
 
     def __init__(self, config: SlimmableResNetConfig) -> None:
@@ -267,28 +267,6 @@ class SlimmableResNet(GatedNetwork):
         return WidthPlan("topk", budget, budget, torch.zeros(batch, device=device), counts,
                          tuple(self.level_counts(0)))
 
-    def budget_ratio(self, cost: Cost) -> torch.Tensor:
-        """The per-sample figure the budget bounds: the executed-MAC ratio."""
-        return cost.ratio
-
-    # --- training helpers ---------------------------------------------------------------
-
-    def sample_widths(self, random: int = 2, generator: torch.Generator | None = None,
-                      weights: Sequence[float] | None = None) -> list[float]:
-        """The sandwich rule's widths for one step: the widest, the narrowest, then `random`
-        levels drawn from those in between (uniformly, or by `weights`, one per in-between
-        level, for a better sub-network sampling distribution)."""
-        levels = self.config.width_levels
-        widths = [levels[-1]] + ([levels[0]] if len(levels) > 1 else [])
-        inner = levels[1:-1]
-        if random and inner:
-            p = torch.ones(len(inner)) if weights is None else torch.as_tensor(weights, dtype=torch.float)
-            if p.shape != (len(inner),) or (p < 0).any() or p.sum() <= 0:
-                raise ValueError(f"weights must be {len(inner)} non-negative numbers, not all 0")
-            picks = torch.multinomial(p, random, replacement=True, generator=generator)
-            widths += [inner[i] for i in picks.tolist()]
-        return widths
-
     def forward_width(self, x: torch.Tensor, width: float) -> torch.Tensor:
         """Logits at one width (any mode; in training mode BN uses batch statistics)."""
         self.check_input(x)
@@ -343,31 +321,6 @@ class SlimmableResNet(GatedNetwork):
         executed = executed + kept[:, self.last_stream] * self.fc.out_features
         return Cost(dense, executed.long(), torch.zeros_like(executed).long(), kept,
                     self.gated_totals())
-
-
-def sandwich_step(model: SlimmableResNet, x: torch.Tensor, labels: torch.Tensor, random: int = 2,
-                  generator: torch.Generator | None = None,
-                  weights: Sequence[float] | None = None) -> list[tuple[float, float]]:
-    """One step's gradients by the sandwich rule with in-place distillation (US-Nets).
-
-    The widest width learns from the labels; the narrowest and `random` sampled widths learn
-    from the widest width's (detached) predicted distribution. Each width's loss is
-    backpropagated at once, so only one width's graph is alive; gradients accumulate in the
-    parameters: call the optimizer's step (and zero_grad) around this. Returns (width, loss)
-    per pass. The model should be in training mode.
-    """
-    teacher = None
-    losses = []
-    for width in model.sample_widths(random, generator, weights):
-        logits = model.forward_width(x, width).float()
-        if teacher is None:
-            loss = F.cross_entropy(logits, labels)
-            teacher = logits.detach().softmax(1)
-        else:
-            loss = -(teacher * F.log_softmax(logits, 1)).sum(1).mean()
-        loss.backward()
-        losses.append((width, float(loss.detach())))
-    return losses
 
 
 @torch.no_grad()

@@ -23,7 +23,8 @@ PARAMETERS = ("budget", "policy", "top_k", "timeout")
 
 
 class PredictParams(BaseModel):
-    budget: float | None = Field(None, ge=0, le=1, description="fraction of dense MACs")
+    budget: float | None = Field(None, ge=0, le=1, description="fraction of the dense cost "
+                                 "(MACs; BitOps for DFS models: see cost.budget_unit)")
     policy: Literal["threshold", "topk", "cap"] | None = None
     top_k: int = Field(5, ge=1, le=1000)
     timeout: float | None = Field(None, gt=0, description="deadline in seconds")
@@ -47,6 +48,8 @@ class Cost(BaseModel):
     executed_ratio: float
     skipped_channel_ratio: float
     layer_skipped_ratio: list[float]
+    budget_unit: str = Field(description="what the budget is a fraction of: macs, or bitops (DFS)")
+    budget_ratio: float = Field(description="the figure the budget bounds, in budget_unit")
 
 
 class Prediction(BaseModel):
@@ -127,11 +130,12 @@ async def infer(request: Request, served, images: torch.Tensor, budget: float | 
         raise ApiError(504, f"no result within the {seconds:g} s deadline", "deadline") from None
 
 
-def predictions(result: JobResult, classes: list[str], top_k: int, requested: float,
+def predictions(result: JobResult, model, classes: list[str], top_k: int, requested: float,
                 policy: str) -> list[dict]:
     probs, index = result.probabilities.topk(min(top_k, len(classes)), 1)
     cost = result.cost
     ratio, skipped = cost.ratio.tolist(), cost.skipped_ratio.tolist()
+    unit, budget_ratio = model.budget_unit, model.budget_ratio(cost).tolist()
     layers = cost.layer_skipped_ratio.tolist()
     out = []
     for i in range(probs.shape[0]):
@@ -141,7 +145,8 @@ def predictions(result: JobResult, classes: list[str], top_k: int, requested: fl
             "budget": {"requested": requested, "effective": result.effective[i], "policy": policy},
             "cost": {"dense_macs": cost.dense, "executed_macs": int(cost.executed[i]),
                      "executed_ratio": ratio[i], "skipped_channel_ratio": skipped[i],
-                     "layer_skipped_ratio": layers[i]},
+                     "layer_skipped_ratio": layers[i], "budget_unit": unit,
+                     "budget_ratio": budget_ratio[i]},
         })
     return out
 
@@ -160,7 +165,7 @@ async def predict_with(request: Request, name: str | None) -> dict:
     total_ms = (time.perf_counter() - request.state.start) * 1e3
     return {
         "request_id": request.state.request_id, "model": served.name,
-        "predictions": predictions(result, served.classes, params.top_k, budget, policy),
+        "predictions": predictions(result, served.model, served.classes, params.top_k, budget, policy),
         "timing": {"queue_ms": result.queue_s * 1e3, "inference_ms": result.inference_s * 1e3,
                    "total_ms": total_ms},
     }

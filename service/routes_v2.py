@@ -57,7 +57,7 @@ async def model_metadata(name: str, request: Request) -> dict:
     size, classes = served.input_size, len(served.classes)
     return {
         "name": name, "versions": ["1"], "platform": "pytorch",
-        "inputs": [{"name": "IMAGE", "datatype": "BYTES", "shape": [-1]},
+        "inputs": [{"name": "IMAGE", "datatype": "BYTES", "shape": [-1, 1]},
                    {"name": "INPUT", "datatype": "FP32", "shape": [-1, 3, size, size]}],
         "outputs": [{"name": "PROBABILITIES", "datatype": "FP32", "shape": [-1, classes]},
                     *({"name": n, "datatype": "FP32", "shape": [-1]}
@@ -74,13 +74,15 @@ async def model_ready(name: str, request: Request) -> JSONResponse:
 
 @router.get("/v2/models/{name}/config")
 async def model_config(name: str, request: Request) -> dict:
-    """A Triton-style model configuration, for clients such as perf_analyzer."""
+    """A Triton-style model configuration, for clients such as perf_analyzer: both inputs are
+    optional (a request sends exactly one of them)."""
     served = _served(request, name)
     size = served.input_size
     return {
         "name": name, "platform": "pytorch_libtorch",
         "max_batch_size": request.app.state.server.settings.max_batch_size,
-        "input": [{"name": "INPUT", "data_type": "TYPE_FP32", "dims": [3, size, size]}],
+        "input": [{"name": "IMAGE", "data_type": "TYPE_STRING", "dims": [1], "optional": True},
+                  {"name": "INPUT", "data_type": "TYPE_FP32", "dims": [3, size, size], "optional": True}],
         "output": [{"name": "PROBABILITIES", "data_type": "TYPE_FP32",
                     "dims": [len(served.classes)]}],
     }

@@ -38,8 +38,11 @@ def test_predict_with_a_budget(client, name, policy):
     assert prediction["budget"]["requested"] == 0.5 and prediction["budget"]["policy"] == policy
     cost = prediction["cost"]
     assert 0 < cost["executed_macs"] <= cost["dense_macs"] * 1.01
-    if name != "dfs":  # the DFS budget is in BitOps: its MAC ratio may be above it
-        assert cost["executed_ratio"] <= 0.5 + 1e-6 or policy == "threshold"
+    assert cost["budget_unit"] == ("bitops" if name == "dfs" else "macs")
+    if policy != "threshold":  # the bounded figure is in the budget's unit (BitOps for DFS)
+        assert cost["budget_ratio"] <= 0.5 + 1e-6
+    if name != "dfs":
+        assert cost["budget_ratio"] == pytest.approx(cost["executed_ratio"])
 
 
 def test_models_are_listed_with_their_architectures(client):

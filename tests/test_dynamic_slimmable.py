@@ -9,7 +9,6 @@ from models.slimmable import (
     SwitchableBatchNorm2d,
     channels_at,
     recalibrate_bn,
-    sandwich_step,
     slimmable_resnet20,
 )
 from tests.dynamic_helpers import (
@@ -159,28 +158,6 @@ def test_tiny_by_hand():
     assert mixed.executed.tolist() == [64 * 27 + 64 * 9 * 6 + 16 * 9 * 2 + 16 * 9 * 10 + 16 * 5 + 5 * 3]
     assert model.floor() == pytest.approx(11660 / 39704)
     assert model.table.budgets == pytest.approx([11660 / 39704, 1.0])
-
-
-def test_sandwich_widths_include_the_widest_and_narrowest(model):
-    g = torch.Generator().manual_seed(0)
-    levels = model.config.width_levels
-    for _ in range(5):
-        widths = model.sample_widths(3, g)
-        assert widths[:2] == [1.0, 0.25] and len(widths) == 5
-        assert all(levels[0] < w < 1.0 and w in levels for w in widths[2:])
-    only = model.sample_widths(4, g, weights=[0] * 10 + [1])
-    assert only[2:] == [levels[-2]] * 4
-    with pytest.raises(ValueError, match="weights"):
-        model.sample_widths(1, g, weights=[1, 2])
-
-
-def test_sandwich_step_distills_in_place():
-    model = tiny().train()
-    x, labels = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 0])
-    losses = sandwich_step(model, x, labels, random=0)
-    assert [w for w, _ in losses] == [1.0, 0.5]
-    assert all(loss > 0 for _, loss in losses)
-    assert model.fc.weight.grad is not None and model.stem.weight.grad.abs().sum() > 0
 
 
 def test_bn_recalibration_changes_only_the_chosen_widths():

@@ -4,6 +4,8 @@ Closed loop: the masks are applied while measuring, so every gate reads what the
 before it really computed, and the executed MACs are those the threshold policy spends in
 serving. For each budget b of a grid (the floor, then every `step` up to 1.0):
 
+Costs are in the network's budget unit (`budget_ratio`: executed MACs; BitOps for DFS).
+
 - tau(b): the smallest threshold whose mean executed-MAC ratio over the calibration images
   is <= b, by bisection; all budgets' candidate thresholds run in one batched pass, each
   image repeated once per budget with its own threshold.
@@ -12,6 +14,9 @@ serving. For each budget b of a grid (the floor, then every `step` up to 1.0):
   next lower budget; what is left of b is then filled greedily.
 
 So the table is monotone: tau never increases and no count decreases with the budget.
+
+A slimmable network's cost does not depend on the input: its table is exact without data,
+and calibration re-estimates each width's BN statistics instead (`recalibrate_widths`).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import torch
 
 from models.base import GatedNetwork
 from models.budget import CalibrationTable
+from models.slimmable import SlimmableResNet, recalibrate_bn
 
 from .data import normalize
 from .evaluate import measure
@@ -30,7 +36,7 @@ from .evaluate import measure
 @torch.no_grad()
 def threshold_pass(model: GatedNetwork, images: torch.Tensor, taus: torch.Tensor, mean, std,
                    device: torch.device | str = "cpu", batch_size: int = 512):
-    """Closed-loop executed-MAC ratios (K, N) of every image at each of K thresholds, and
+    """Closed-loop budget ratios (K, N) of every image at each of K thresholds, and
     each layer's mean kept channels (K, L)."""
     model.eval()
     k, layers = len(taus), len(model.gated_totals())
@@ -44,7 +50,7 @@ def threshold_pass(model: GatedNetwork, images: torch.Tensor, taus: torch.Tensor
         plan.tau = tau  # each image copy's own threshold
         _, masks, _ = model.run(x.repeat(k, 1, 1, 1), plan)
         cost = model.macs([m > 0 for m in masks], *x.shape[-2:])
-        ratios.append(cost.ratio.view(k, b).cpu())
+        ratios.append(model.budget_ratio(cost).view(k, b).cpu())
         kept += cost.kept.view(k, b, layers).sum(1).cpu()
     return torch.cat(ratios, 1), kept / len(images)
 
@@ -58,8 +64,9 @@ def budget_grid(floor: float, step: float) -> list[float]:
 
 def calibrate(model: GatedNetwork, images: torch.Tensor, mean, std, device="cpu", step: float = 0.05,
               iterations: int = 10) -> CalibrationTable:
-    """A monotone closed-loop table for the model from uint8 calibration images."""
-    if not model.gated:
+    """A monotone closed-loop table for the model from uint8 calibration images (the exact
+    data-free table for a network whose cost does not depend on the input)."""
+    if not model.gated or not model.adaptive:
         return model.uniform_table()
     floor = model.floor()
     budgets = budget_grid(floor, step)
@@ -97,7 +104,7 @@ def fitted_counts(model: GatedNetwork, kept: torch.Tensor, budget: float, lower:
                 for p, t, g, low in zip(profile, totals, groups, lower, strict=True)]
 
     def fits(counts: list[int]) -> bool:
-        return float(model.count_cost(counts).ratio[0]) <= budget + 1e-9
+        return float(model.budget_ratio(model.count_cost(counts))[0]) <= budget + 1e-9
 
     lo, hi = 0.0, 1.0 / max(min((p for p in profile if p > 0), default=1.0), 1e-6)
     for _ in range(iterations):
@@ -112,6 +119,14 @@ def fitted_counts(model: GatedNetwork, kept: torch.Tensor, budget: float, lower:
                 break
             counts = trial
     return counts
+
+
+def recalibrate_widths(model: SlimmableResNet, images: torch.Tensor, mean, std, device="cpu",
+                       batch_size: int = 256) -> int:
+    """Re-estimate every width level's BN statistics on uint8 images; returns batches read."""
+    batches = (normalize(images[start : start + batch_size].to(device), mean, std)
+               for start in range(0, len(images), batch_size))
+    return recalibrate_bn(model, batches)
 
 
 @torch.no_grad()
@@ -132,7 +147,7 @@ def bn_check(model: GatedNetwork, images: torch.Tensor, labels: torch.Tensor, me
             recal(normalize(fit[start : start + 256].to(device), mean, std), budget=budget)
         row = {"budget": budget}
         for key, net in (("trained", model), ("re-estimated", recal)):
-            correct, ratio = measure(net, *held, budget, "threshold", mean, std, device)
+            correct, ratio, _ = measure(net, *held, budget, "threshold", mean, std, device)
             row[f"top1_{key}"] = round(correct.float().mean().item(), 4)
             row[f"ratio_{key}"] = round(ratio.mean().item(), 4)
         rows.append(row)

@@ -22,13 +22,14 @@ from dataclasses import fields
 from pathlib import Path
 
 from models.budget import POLICIES
+from models.slimmable import SlimmableResNet
 
-from .calibrate import bn_check, calibrate
+from .calibrate import bn_check, calibrate, recalibrate_widths
 from .config import TrainConfig, load_splits, resume_config, run_config
 from .data import default_cache, load_dataset
 from .evaluate import evaluate, write_report
 from .export import export
-from .state import CALIBRATION, load_trained, write_json
+from .state import CALIBRATION, load_trained, save_bn_stats, write_json
 from .train import pick_device, train
 
 SUPPRESS = argparse.SUPPRESS
@@ -53,6 +54,7 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
     a("--momentum", type=float)
     a("--weight-decay", type=float)
     a("--warmup", type=float, help="share of the steps with a linear warmup")
+    a("--grad-clip", type=float, help="clip the gradient norm of a step to this (default 5; 0: off)")
     a("--random-budgets", type=int, help="random budgets per step, beside full and floor (default 2)")
     a("--min-budget", type=float, help="lowest random budget (default: the model's floor)")
     a("--cost-weight", type=float, help="weight of (executed-MAC ratio - budget)^2 (default 2)")
@@ -141,6 +143,11 @@ def run_calibrate(args: argparse.Namespace) -> None:
     images, labels = data.train_x[splits.calibration], data.train_y[splits.calibration]
     model = load_trained(Path(args.run), calibrated=False).to(device)
     started = time.time()
+    if isinstance(model, SlimmableResNet):
+        batches = recalibrate_widths(model, images, data.mean, data.std, device)
+        save_bn_stats(Path(args.run), model)
+        print(f"re-estimated the BN statistics of {len(model.config.width_levels)} widths "
+              f"on {len(images)} images ({batches} batches)")
     model.table = calibrate(model, images, data.mean, data.std, device, args.step, args.iterations)
     if args.bn_check:
         model.table.extra["bn_per_budget"] = bn_check(model, images, labels, data.mean, data.std, device)

@@ -36,6 +36,7 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     warmup: float = 0.02
+    grad_clip: float = 5.0
     random_budgets: int = 2
     min_budget: float | None = None
     cost_weight: float = 2.0

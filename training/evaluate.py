@@ -35,16 +35,18 @@ def default_budgets(model: GatedNetwork, step: float = 0.1) -> list[float]:
 @torch.no_grad()
 def measure(model: GatedNetwork, images: torch.Tensor, labels: torch.Tensor, budget: float,
             policy: str, mean, std, device: torch.device | str = "cpu",
-            batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
-    """(correct, executed-MAC ratio) per image, in eval mode, for uint8 images on any device."""
+            batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(correct, budget ratio, executed-MAC ratio) per image, in eval mode, for uint8 images
+    on any device. The budget ratio is in the network's budget unit (MACs; BitOps for DFS)."""
     model.eval()
-    correct, ratio = [], []
+    correct, ratio, macs = [], [], []
     for start in range(0, len(labels), batch_size):
         x = normalize(images[start : start + batch_size].to(device), mean, std)
         logits, info = model(x, budget=budget, policy=policy, return_info=True)
         correct.append(logits.argmax(1).cpu() == labels[start : start + batch_size].cpu())
-        ratio.append(info.cost.ratio.cpu())
-    return torch.cat(correct), torch.cat(ratio)
+        ratio.append(model.budget_ratio(info.cost).cpu())
+        macs.append(info.cost.ratio.cpu())
+    return torch.cat(correct), torch.cat(ratio), torch.cat(macs)
 
 
 def evaluate(model: GatedNetwork, images: torch.Tensor, labels: torch.Tensor, mean, std,
@@ -56,23 +58,24 @@ def evaluate(model: GatedNetwork, images: torch.Tensor, labels: torch.Tensor, me
     rows = []
     for policy in policies if model.gated else ("threshold",):
         for budget in budgets:
-            correct, ratio = measure(model, images, labels, budget, policy, mean, std, device)
+            correct, ratio, macs = measure(model, images, labels, budget, policy, mean, std, device)
             rows.append({
                 "policy": policy, "budget": budget,
                 "top1": round(correct.float().mean().item(), 4),
                 "ratio_mean": round(ratio.mean().item(), 4),
                 "ratio_p95": round(torch.quantile(ratio, 0.95).item(), 4),
                 "ratio_max": round(ratio.max().item(), 4),
-                "mmacs_mean": round(ratio.mean().item() * dense / 1e6, 3),
-                "mmacs_p95": round(torch.quantile(ratio, 0.95).item() * dense / 1e6, 3),
-                "mmacs_max": round(ratio.max().item() * dense / 1e6, 3),
+                "mmacs_mean": round(macs.mean().item() * dense / 1e6, 3),
+                "mmacs_p95": round(torch.quantile(macs, 0.95).item() * dense / 1e6, 3),
+                "mmacs_max": round(macs.max().item() * dense / 1e6, 3),
             })
-    return {"images": len(labels), "dense_mmacs": round(dense / 1e6, 3),
+    return {"images": len(labels), "dense_mmacs": round(dense / 1e6, 3), "budget_unit": model.budget_unit,
             "calibration": model.table.source, "rows": rows}
 
 
 def markdown_table(result: dict) -> str:
-    lines = ["| policy | budget | top-1 (%) | MACs mean (M) | MACs/dense mean | p95 | max |",
+    unit = "MACs" if result.get("budget_unit", "macs") == "macs" else "BitOps"
+    lines = [f"| policy | budget | top-1 (%) | MACs mean (M) | {unit}/dense mean | p95 | max |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in result["rows"]:
         lines.append(f"| {r['policy']} | {r['budget']:.3g} | {100 * r['top1']:.2f} | "

@@ -12,7 +12,9 @@ How the passes run:
 - BatchNorm normalizes with batch statistics (and updates its running ones) in the full pass
   only, with its running statistics in the others, as in serving (`running_bn`): a channel
   skipped for the whole batch would otherwise have zero batch variance, and the
-  straight-through gradient through it explodes;
+  straight-through gradient through it explodes. A slimmable network (not `adaptive`) is
+  the exception: every width uses batch statistics, as US-Nets train (the sandwich rule),
+  and `calibrate` re-estimates each width's statistics after training;
 - the gates learn from the random budgets only: at the full budget and at the floor the masks
   (keep all, keep none) do not depend on the scores, and the straight-through gradient there
   would only push every score up, unopposed by the cost term (`gates_frozen`).
@@ -28,7 +30,6 @@ import torch.nn.functional as F
 
 from models.base import ForwardInfo, GatedNetwork
 from models.budget import CalibrationTable
-from models.gates import GATES
 
 
 def sample_budgets(floor: float, random: int, generator: torch.Generator,
@@ -44,9 +45,10 @@ def sample_budgets(floor: float, random: int, generator: torch.Generator,
 
 
 def training_table(model: GatedNetwork) -> CalibrationTable:
-    """tau(b) = 1 - (b - floor) / (1 - floor): the threshold the training passes use."""
+    """tau(b) = 1 - (b - floor) / (1 - floor): the threshold the training passes use; a
+    network whose cost does not depend on the input (slimmable) keeps its exact table."""
     totals = model.gated_totals()
-    if not totals:
+    if not totals or not model.adaptive:
         return model.uniform_table()
     floor = model.floor()
     if floor >= 1.0:
@@ -55,10 +57,10 @@ def training_table(model: GatedNetwork) -> CalibrationTable:
 
 
 @contextmanager
-def gates_frozen(model: torch.nn.Module):
+def gates_frozen(model: GatedNetwork):
     """Forward passes inside send no gradient into the gates (their scores are detached)."""
     handles = [m.register_forward_hook(lambda module, args, out: out.detach())
-               for m in model.modules() if isinstance(m, tuple(GATES.values()))]
+               for m in model.gate_modules()]
     try:
         yield
     finally:
@@ -82,26 +84,28 @@ def running_bn(model: torch.nn.Module):
 
 
 class CostModel:
-    """Executed-MAC ratio per sample, differentiable in the gates' straight-through masks.
+    """Budget ratio per sample (`GatedNetwork.budget_ratio`: executed MACs, or BitOps for
+    DFS), differentiable in the gates' straight-through masks.
 
     The value is exact (`ForwardInfo.cost`, from the hard masks); the gradient is that of a
-    linearization: each kept channel of gated layer l costs its layer's marginal MACs per
+    linearization: each kept channel of gated layer l costs its layer's marginal share per
     channel at the full network (its own convolutions, what later layers spend reading it,
-    its gate's input), over the dense MACs.
+    its gate's input).
     """
 
     def __init__(self, model: GatedNetwork) -> None:
+        self.model = model
         totals = model.gated_totals()
-        full = model.count_cost(totals)
+        full = float(model.budget_ratio(model.count_cost(totals))[0])
         self.per_channel = []
         for layer, total in enumerate(totals):
             counts = list(totals)
             counts[layer] = 0
-            saved = int(full.executed[0] - model.count_cost(counts).executed[0])
-            self.per_channel.append(saved / (total * full.dense))
+            saved = full - float(model.budget_ratio(model.count_cost(counts))[0])
+            self.per_channel.append(saved / total)
 
     def ratio(self, info: ForwardInfo) -> torch.Tensor:
-        exact = info.cost.ratio.float()
+        exact = self.model.budget_ratio(info.cost).float()
         if not info.masks:
             return exact
         linear = sum(w * m.float().sum(1) for w, m in zip(self.per_channel, info.masks, strict=True))

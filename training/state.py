@@ -5,6 +5,7 @@ runs/<name>/checkpoint.safetensors   model and optimizer tensors, written after 
                                      its metadata holds the epoch, step, history and the
                                      optimizer's scalars (one file, replaced atomically)
 runs/<name>/calibration.json         the calibration table (`calibrate`)
+runs/<name>/bn_stats.safetensors     BN statistics re-estimated by `calibrate` (slimmable)
 runs/<name>/eval.json, eval.md, accuracy_vs_macs.png   (`evaluate`)
 """
 
@@ -25,6 +26,7 @@ from models.registry import build_model
 CONFIG = "config.json"
 CHECKPOINT = "checkpoint.safetensors"
 CALIBRATION = "calibration.json"
+BN_STATS = "bn_stats.safetensors"
 
 
 def write_json(path: Path, data) -> None:
@@ -76,6 +78,15 @@ def load_state(run: Path, model: torch.nn.Module, optimizer: torch.optim.Optimiz
     return json.loads(metadata["progress"])
 
 
+def save_bn_stats(run: Path, model: torch.nn.Module) -> None:
+    """Write the model's BatchNorm statistics (running mean, variance, batch counts)."""
+    stats = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
+             if k.rsplit(".", 1)[-1] in ("running_mean", "running_var", "num_batches_tracked")}
+    tmp = run / (BN_STATS + ".tmp")
+    save_file(stats, tmp)
+    os.replace(tmp, run / BN_STATS)
+
+
 def read_config(run: Path) -> dict:
     path = run / CONFIG
     if not path.is_file():
@@ -84,10 +95,13 @@ def read_config(run: Path) -> dict:
 
 
 def load_trained(run: Path, calibrated: bool = True) -> GatedNetwork:
-    """The run's trained model (eval mode, CPU), with its calibration table if there is one."""
+    """The run's trained model (eval mode, CPU), with its calibration table and re-estimated
+    BN statistics if there are any."""
     config = read_config(run)
     model = build_model(config["architecture"], config["model"])
     load_state(run, model)
     if calibrated and (run / CALIBRATION).is_file():
         model.table = CalibrationTable.from_dict(json.loads((run / CALIBRATION).read_text()))
+    if calibrated and (run / BN_STATS).is_file():
+        model.load_state_dict({**model.state_dict(), **load_file(run / BN_STATS)})
     return model.eval()

@@ -4,8 +4,10 @@ Every step samples budgets (full, floor, random; `objective.sample_budgets`), ru
 at each, and backpropagates each pass's loss at once (the graph of one pass is freed before
 the next; under DDP the gradients are all-reduced once, after the last pass). SGD with
 Nesterov momentum, linear warmup then cosine decay, no weight decay on 1-d parameters (BN,
-biases, gate logits). A checkpoint is written after every epoch; randomness is seeded per
-(seed, epoch, rank), so a resumed run continues exactly where the interrupted one stopped.
+biases, gate logits), the gradient norm clipped (`grad_clip`; without it, the post-activation
+ResNets of channel gating diverged in the first steps at lr 0.1). A checkpoint is written
+after every epoch; randomness is seeded per (seed, epoch, rank), so a resumed run continues
+exactly where the interrupted one stopped.
 """
 
 from __future__ import annotations
@@ -160,6 +162,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> GatedNetwork:
             optimizer.zero_grad(set_to_none=True)
             budgets = sample_budgets(floor, cfg.random_budgets, budget_rng, cfg.min_budget)
             step = train_step(net, model, ddp, objective, x, labels[index], budgets, autocast)
+            if cfg.grad_clip:
+                step["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
             progress["step"] += 1
             for key, value in step.items():
@@ -193,7 +197,7 @@ def train_step(net, model: GatedNetwork, ddp: DistributedDataParallel | None, ob
     for i, budget in enumerate(budgets):
         sync = ddp is None or i == len(budgets) - 1  # all-reduce the summed gradients once
         with nullcontext() if sync else ddp.no_sync():
-            with (autocast, running_bn(model) if i > 0 else nullcontext(),
+            with (autocast, running_bn(model) if i > 0 and model.adaptive else nullcontext(),
                   gates_frozen(model) if i < 2 else nullcontext()):
                 # a tensor budget: torch.compile does not specialize (recompile) on its value
                 logits, info = net(x, budget=torch.tensor(budget), return_info=True)
@@ -218,7 +222,7 @@ def validate(model: GatedNetwork, splits: Splits, device: torch.device) -> dict:
         return {}
     out = {}
     for budget in (1.0, 0.5) if model.gated else (1.0,):
-        correct, ratio = measure(model, images, labels, budget, "threshold", data.mean, data.std, device)
+        correct, ratio, _ = measure(model, images, labels, budget, "threshold", data.mean, data.std, device)
         out[f"val_top1@{budget}"] = round(correct.float().mean().item(), 4)
         out[f"val_mac@{budget}"] = round(ratio.mean().item(), 4)
     model.train()

@@ -1,0 +1,443 @@
+"""acs-serve against peer servers (LitServe, TorchServe): same model, same machine, same load.
+
+Every server serves the same dense DenseNet-40 checkpoint (freshly initialized: timings only, no
+accuracy), with one torch thread, one inference worker, the same largest batch and the same batch
+delay (how long a batch may wait to fill: acs-serve --max-queue-delay-ms, LitServe batch_timeout,
+TorchServe maxBatchDelay). acs-serve also serves ACS DenseNet-40 with cheap gates at budgets 1.0
+and 0.5 (policy topk). The peers decode and preprocess exactly as acs-serve does
+(service/imaging) and run the plain PyTorch module; acs-serve runs its compact executor.
+
+Servers run one at a time, each logging warnings only. Each is driven by `hey` (a closed loop of
+--concurrency clients, each posting one 32x32 PNG as a raw image/png body) for --duration seconds
+per concurrency, after a --warmup at the highest one. "Where the time goes" times, in this
+process and round-robin before any server starts, the preprocessing and the bare model call each
+server makes for one image; overhead = the HTTP p50 at concurrency 1 minus both (HTTP, queues,
+batching, process hops, the load generator).
+Against the best peer (highest req/s at the same concurrency) the goal is met when our req/s
+ratio reaches GOALS[budget] with a p99 no worse than the peer's.
+
+    OMP_NUM_THREADS=1 python bench/peers.py --json peers.json --plot peers.png
+    OMP_NUM_THREADS=1 python bench/peers.py --peers litserve --duration 3 --concurrency 1 4
+
+Needs `hey` (apt-get install hey); a peer that is not installed (pip install litserve
+torchserve torch-model-archiver; TorchServe also needs Java 17) is skipped with the reason.
+Linux: stopping a peer checks /proc that no process of its group (Java, workers) is left.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import metadata, util
+from pathlib import Path
+
+import httpx
+import torch
+from common import (
+    fmt,
+    free_port,
+    make_weights,
+    png_bytes,
+    round_robin_ms,
+    start_acs_serve,
+    stop,
+    stop_group,
+)
+from load_clients import hey_closed_loop
+from peer_servers.classifier import Classifier
+
+from models.checkpoint import load_checkpoint
+from models.registry import compact
+
+PEER_DIR = Path(__file__).resolve().parent / "peer_servers"
+
+DENSE, ACS = "densenet40", "acs_densenet40_cheap"
+PEERS = ("litserve", "torchserve")
+GOALS = {1.0: 1.0, 0.5: 1.5}  # budget -> throughput over the best peer's, at no worse p99
+POLICY = "topk"
+
+
+@dataclass
+class Target:
+    model: str
+    budget: float
+    path: str  # URL path and query
+
+
+@dataclass
+class Server:
+    name: str
+    start: Callable[[Path, int, object], subprocess.Popen]  # (folder, port, log) -> process
+    targets: list[Target]
+    group: bool  # started in its own process group: stop the whole group
+
+
+def wait_predict(url: str, body: bytes, seconds: float, proc: subprocess.Popen) -> None:
+    """Post body to url until it answers 200 (model loaded, worker up); fail early if proc exits."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            if httpx.post(url, content=body, headers={"content-type": "image/png"},
+                          timeout=10).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer a prediction within {seconds:.0f} s")
+
+
+def start_litserve(weights: Path, args) -> Callable:
+    def start(folder: Path, port: int, log) -> subprocess.Popen:
+        cmd = [sys.executable, str(PEER_DIR / "litserve_app.py"), "--weights", str(weights),
+               "--port", str(port), "--threads", str(args.threads),
+               "--max-batch-size", str(args.max_batch_size),
+               "--batch-timeout", str(args.batch_delay_ms / 1000)]
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+        return subprocess.Popen(cmd, env=env, cwd=folder, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    return start
+
+
+TORCHSERVE_CONFIG = """\
+inference_address=http://127.0.0.1:{port}
+management_address=http://127.0.0.1:{management}
+metrics_address=http://127.0.0.1:{metrics}
+model_store={store}
+load_models={model}.mar
+models={models}
+default_workers_per_model=1
+number_of_netty_threads=1
+netty_client_threads=1
+job_queue_size=1024
+disable_token_authorization=true
+install_py_dep_per_model=false
+disable_system_metrics=true
+enable_envvars_config=false
+"""
+
+# Warnings and errors only, as acs-serve and LitServe run here: TorchServe otherwise logs several
+# lines per request (access log, metrics, worker timing) from its frontend
+TORCHSERVE_LOG4J2 = """\
+<?xml version="1.0" encoding="UTF-8"?>
+<Configuration>
+  <Appenders>
+    <Console name="STDOUT" target="SYSTEM_OUT"><PatternLayout pattern="%d %-5p %c - %m%n"/></Console>
+  </Appenders>
+  <Loggers>
+    <Root level="warn"><AppenderRef ref="STDOUT"/></Root>
+  </Loggers>
+</Configuration>
+"""
+
+
+def start_torchserve(weights: Path, args) -> Callable:
+    def start(folder: Path, port: int, log) -> subprocess.Popen:
+        """Archive handler, classifier.py and checkpoint; write its configuration; start it."""
+        store = folder / "store"
+        store.mkdir()
+        extra = [PEER_DIR / "classifier.py", weights / "manifest.json", weights / "model.safetensors"]
+        subprocess.run(["torch-model-archiver", "--model-name", DENSE, "--version", "1.0",
+                        "--handler", str(PEER_DIR / "torchserve_handler.py"),
+                        "--extra-files", ",".join(map(str, extra)), "--export-path", str(store)],
+                       check=True, timeout=120, stdout=log, stderr=subprocess.STDOUT)
+        models = {DENSE: {"1.0": {"defaultVersion": True, "marName": f"{DENSE}.mar",
+                                  "minWorkers": 1, "maxWorkers": 1,
+                                  "batchSize": args.max_batch_size,
+                                  "maxBatchDelay": args.batch_delay_ms, "responseTimeout": 120}}}
+        config = folder / "config.properties"
+        config.write_text(TORCHSERVE_CONFIG.format(
+            port=port, management=free_port(), metrics=free_port(), store=store, model=DENSE,
+            models=json.dumps(models)))
+        (folder / "log4j2.xml").write_text(TORCHSERVE_LOG4J2)
+        # TMPDIR: torchserve keeps its pid file there; a private one keeps runs apart
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TMPDIR": str(folder)}
+        cmd = ["torchserve", "--start", "--foreground", "--ncs", "--ts-config", str(config),
+               "--model-store", str(store), "--log-config", str(folder / "log4j2.xml")]
+        return subprocess.Popen(cmd, env=env, cwd=folder, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    return start
+
+
+def missing(peer: str) -> str | None:
+    """Why a peer cannot run here, or None."""
+    if peer == "litserve":
+        return None if util.find_spec("litserve") else "pip install litserve"
+    for tool in ("torchserve", "torch-model-archiver", "java"):
+        if shutil.which(tool) is None:
+            return f"{tool} not found (pip install torchserve torch-model-archiver; Java 17)"
+    return None
+
+
+def ours(args) -> list[tuple[str, float]]:
+    """(model, budget) pairs acs-serve is measured on."""
+    return [(DENSE, 1.0)] + [(ACS, b) for b in args.budgets]
+
+
+def servers(weights: Path, args, skipped: dict) -> list[Server]:
+    """acs-serve, then each installed peer of --peers (the others go into `skipped`)."""
+    def acs(folder: Path, port: int, log) -> subprocess.Popen:
+        return start_acs_serve(weights, port, args.threads, args.max_batch_size, log=log,
+                               extra=("--max-queue-delay-ms", str(args.batch_delay_ms)))
+
+    out = [Server("acs-serve", acs, [Target(m, b, f"/v1/models/{m}/predict?budget={b}&policy={POLICY}")
+                                     for m, b in ours(args)], group=False)]
+    paths = {"litserve": (start_litserve, "/predict"),
+             "torchserve": (start_torchserve, f"/predictions/{DENSE}")}
+    for name in args.peers:
+        reason = missing(name)
+        if reason:
+            print(f"skipping {name}: {reason}", flush=True)
+            skipped[name] = reason
+            continue
+        factory, path = paths[name]
+        out.append(Server(name, factory(weights / DENSE, args), [Target(DENSE, 1.0, path)],
+                          group=True))
+    return out
+
+
+def bare_ms(weights: Path, image: bytes, args) -> dict:
+    """In this process, round-robin: median ms of preprocessing the image ("preprocess") and of
+    each server's model call on it ((acs-serve or peer, model, budget))."""
+    peer = Classifier(weights / DENSE, args.threads)  # the peers' code path
+    x = peer.preprocess(image)[None]
+    calls = {"preprocess": lambda: peer.preprocess(image), ("peer", DENSE, 1.0): lambda: peer.predict(x)}
+    executors = {model: compact(load_checkpoint(weights / model).model) for model, _ in ours(args)}
+    for model, budget in ours(args):
+        calls[("acs-serve", model, budget)] = (
+            lambda e=executors[model], b=budget: torch.softmax(e(x, budget=b, policy=POLICY), 1))
+    return round_robin_ms(calls)
+
+
+def where_time_goes(rows: list[dict], bare: dict) -> list[dict]:
+    """Per server and target at concurrency 1: bare preprocessing and model call, and the rest
+    of the HTTP p50 (server, transport, load generator)."""
+    out = []
+    for r in rows:
+        if r["concurrency"] == 1 and r["ok"]:
+            model = bare[("acs-serve" if r["server"] == "acs-serve" else "peer", r["model"], r["budget"])]
+            out.append({"server": r["server"], "model": r["model"], "budget": r["budget"],
+                        "preprocess_ms": bare["preprocess"], "model_ms": model,
+                        "http_p50_ms": r["p50_ms"],
+                        "overhead_ms": r["p50_ms"] - bare["preprocess"] - model})
+    return out
+
+
+def measure(server: Server, folder: Path, body: Path, args) -> list[dict]:
+    """Start the server, warm up and load each of its targets, stop it (always)."""
+    folder.mkdir()
+    rows = []
+    image = body.read_bytes()
+    with open(folder / "server.log", "wb") as log:
+        port = free_port()
+        proc = server.start(folder, port, log)
+        try:
+            for target in server.targets:
+                url = f"http://127.0.0.1:{port}{target.path}"
+                wait_predict(url, image, args.start_timeout, proc)
+                hey_closed_loop(url, body, max(args.concurrency), args.warmup)
+                for c in args.concurrency:
+                    load = round(os.getloadavg()[0], 2)  # the machine is shared: judge by it
+                    result = hey_closed_loop(url, body, c, args.duration)
+                    rows.append({"server": server.name, "model": target.model,
+                                 "budget": target.budget, "concurrency": c, "loadavg_1m": load,
+                                 **result})
+                    print(f"{server.name} {target.model} budget {target.budget} concurrency {c}: "
+                          f"{result['throughput']:.1f} req/s, p99 {fmt(result['p99_ms'])} ms", flush=True)
+        finally:
+            if server.group:
+                if not stop_group(proc):
+                    print(f"warning: processes of {server.name} (group {proc.pid}) survived SIGKILL")
+            else:
+                stop(proc, 60)
+    return rows
+
+
+def versus_peers(rows: list[dict]) -> list[dict]:
+    """Our throughput and p99 over the best peer's (highest req/s) at each concurrency."""
+    out = []
+    for ours in (r for r in rows if r["server"] == "acs-serve" and r["ok"]):
+        peers = [r for r in rows if r["server"] != "acs-serve" and r["ok"]
+                 and r["concurrency"] == ours["concurrency"]]
+        if not peers:
+            continue
+        best = max(peers, key=lambda r: r["throughput"])
+        speedup = ours["throughput"] / best["throughput"]
+        p99_ratio = ours["p99_ms"] / best["p99_ms"]
+        goal = GOALS.get(ours["budget"])
+        out.append({"model": ours["model"], "budget": ours["budget"],
+                    "concurrency": ours["concurrency"], "best_peer": best["server"],
+                    "throughput_ratio": speedup, "p99_ratio": p99_ratio, "goal": goal,
+                    "met": None if goal is None else speedup >= goal and p99_ratio <= 1.0})
+    return out
+
+
+def print_tables(result: dict) -> None:
+    meta = result["meta"]
+    print(f"\n{meta['cpus']} CPUs, load average before {meta['loadavg_before']}, after "
+          f"{meta['loadavg_after']}; {meta['threads']} torch thread(s); max batch "
+          f"{meta['max_batch_size']}, batch delay {meta['batch_delay_ms']} ms; {meta['weights']}\n")
+    print("| server | model | budget | concurrency | req/s | p50 ms | p90 ms | p99 ms | ok | errors |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in result["rows"]:
+        print(f"| {r['server']} | {r['model']} | {r['budget']} | {r['concurrency']} | "
+              f"{r['throughput']:.1f} | {fmt(r['p50_ms'])} | {fmt(r['p90_ms'])} | "
+              f"{fmt(r['p99_ms'])} | {r['ok']} | {r['errors'] or 0} |")
+    if result["where_time_goes"]:
+        print("\nWhere the time goes at concurrency 1 (preprocess, model: medians of bare calls in "
+              "one process, round-robin; overhead: HTTP p50 minus both)\n")
+        print("| server | model | budget | preprocess ms | model ms | HTTP p50 ms | overhead ms |")
+        print("|---|---|---|---|---|---|---|")
+        for w in result["where_time_goes"]:
+            print(f"| {w['server']} | {w['model']} | {w['budget']} | {w['preprocess_ms']:.2f} | "
+                  f"{w['model_ms']:.2f} | {w['http_p50_ms']:.2f} | {w['overhead_ms']:.2f} |")
+    if result["versus"]:
+        print("\nacs-serve over the best peer at the same concurrency (goal met: req/s ratio >= "
+              "goal and p99 ratio <= 1)\n")
+        print("| model | budget | concurrency | best peer | req/s ratio | p99 ratio | goal | met |")
+        print("|---|---|---|---|---|---|---|---|")
+        for v in result["versus"]:
+            met = "-" if v["met"] is None else ("yes" if v["met"] else "no")
+            print(f"| {v['model']} | {v['budget']} | {v['concurrency']} | {v['best_peer']} | "
+                  f"{v['throughput_ratio']:.2f} | {v['p99_ratio']:.2f} | "
+                  f"{fmt(v['goal'], '.1f')} | {met} |")
+    for peer, reason in meta["skipped"].items():
+        print(f"\n{peer} skipped: {reason}")
+
+
+def plot(rows: list[dict], path: str) -> None:
+    """Throughput vs p99, one line per server/model/budget (peers dashed), one point per
+    concurrency."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    fig = Figure(figsize=(7.5, 4.8), layout="constrained")
+    ax = fig.subplots()
+    series = dict.fromkeys((r["server"], r["model"], r["budget"]) for r in rows if r["ok"])
+    for server, model, budget in series:
+        points = [r for r in rows if (r["server"], r["model"], r["budget"]) == (server, model, budget)
+                  and r["ok"]]
+        xs, ys = [r["p99_ms"] for r in points], [r["throughput"] for r in points]
+        ax.plot(xs, ys, marker="o", linestyle="-" if server == "acs-serve" else "--",
+                label=f"{server}: {model}, budget {budget}")
+        for r, x, y in zip(points, xs, ys, strict=True):
+            ax.annotate(f"c={r['concurrency']}", (x, y), textcoords="offset points", xytext=(4, 4),
+                        fontsize=7)
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("p99 latency (ms, log scale)")
+    ax.set_ylabel("throughput (requests/s)")
+    ax.set_title("DenseNet-40 on the CPU, closed loop (hey)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=120)
+
+
+def versions() -> dict:
+    """Versions of torch, the peers and the tools, where installed."""
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    for package in ("litserve", "torchserve", "torch-model-archiver"):
+        try:
+            out[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            out[package] = None
+    for name, cmd in {"hey": ["dpkg-query", "-W", "-f", "${Version}", "hey"],
+                      "java": ["java", "-version"]}.items():
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+            out[name] = (done.stdout or done.stderr).splitlines()[0] if done.returncode == 0 else None
+        except (OSError, IndexError, subprocess.TimeoutExpired):
+            out[name] = None
+    return out
+
+
+def batching(args) -> dict:
+    """Each server's batching settings, as this script sets them."""
+    n, ms = args.max_batch_size, args.batch_delay_ms
+    return {"acs-serve": f"--max-batch-size {n} --max-queue-delay-ms {ms} (from the first queued "
+                         "request's arrival); one inference thread",
+            "litserve": f"LitAPI(max_batch_size={n}, batch_timeout={ms / 1000}) (from when its "
+                        "loop starts collecting); 1 worker, 1 API server process",
+            "torchserve": f"batchSize={n}, maxBatchDelay={ms} ms (from the batch's first job); "
+                          "1 worker, 1 netty thread, 1 netty client thread"}
+
+
+def run(args) -> dict:
+    image = png_bytes()
+    rows, skipped = [], {}
+    with tempfile.TemporaryDirectory(prefix="acs-peers-") as tmp:
+        tmp = Path(tmp)
+        weights = tmp / "weights"
+        make_weights(weights, DENSE, factory="densenet40")
+        make_weights(weights, ACS, gate="cheap")
+        body = tmp / "body.png"
+        body.write_bytes(image)
+        bare = bare_ms(weights, image, args)
+        for server in servers(weights, args, skipped):
+            try:
+                rows += measure(server, tmp / server.name, body, args)
+            except (RuntimeError, TimeoutError, subprocess.SubprocessError) as e:
+                log = (tmp / server.name / "server.log").read_text(errors="replace")[-2000:]
+                print(f"{server.name} failed: {e}\n{log}", flush=True)
+                skipped[server.name] = f"failed: {e}"
+    meta = {"cpus": os.cpu_count(), "loadavg_before": [round(v, 2) for v in args.loadavg_before],
+            "loadavg_after": [round(v, 2) for v in os.getloadavg()], "versions": versions(),
+            "threads": args.threads, "max_batch_size": args.max_batch_size,
+            "batch_delay_ms": args.batch_delay_ms, "batching": batching(args), "policy": POLICY,
+            "budgets": args.budgets,
+            "concurrency": args.concurrency, "duration_s": args.duration, "warmup_s": args.warmup,
+            "load_generator": "hey (closed loop, keep-alive, raw image/png body)",
+            "weights": "random weights (freshly initialized, same checkpoint for every server): "
+                       "timings only",
+            "peer_model": "eager torch module, eval, no_grad; acs-serve: compact executor",
+            "skipped": skipped}
+    return {"meta": meta, "rows": rows, "where_time_goes": where_time_goes(rows, bare),
+            "versus": versus_peers(rows)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--peers", nargs="*", choices=PEERS, default=list(PEERS))
+    parser.add_argument("--budgets", nargs="+", type=float, default=[1.0, 0.5],
+                        help="budgets for the ACS model (the dense one runs at 1.0)")
+    parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32])
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per concurrency")
+    parser.add_argument("--warmup", type=float, default=3.0, help="seconds per target, first")
+    parser.add_argument("--max-batch-size", type=int, default=8)
+    parser.add_argument("--batch-delay-ms", type=int, default=1,
+                        help="longest wait for a batch to fill, every server (LitServe busy-polls at 0)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per server")
+    parser.add_argument("--start-timeout", type=float, default=180.0, help="seconds per server")
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--plot", help="write a throughput-vs-p99 PNG here")
+    args = parser.parse_args(argv)
+    if shutil.which("hey") is None:
+        print("hey not found: apt-get install hey", file=sys.stderr)
+        return 2
+    if min(args.concurrency) < 1 or args.duration <= 0 or args.batch_delay_ms < 0:
+        parser.error("concurrency must be >= 1, duration > 0, batch delay >= 0")
+    torch.set_num_threads(args.threads)
+    args.loadavg_before = os.getloadavg()
+    result = run(args)
+    print_tables(result)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    if args.plot:
+        plot(result["rows"], args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""bench/peers.py pieces that need neither a peer server nor hey: the goal check, stopping a
+process group, and the peers' inference path (same top class as acs-serve's compact executor
+on the same image)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from models.checkpoint import load_checkpoint
+from models.registry import compact
+from service.imaging import preprocess
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path[:0] = [str(BENCH), str(BENCH / "peer_servers")]  # as the scripts import each other
+import peers  # noqa: E402
+from common import make_weights, png_bytes, stop_group  # noqa: E402
+from torchserve_handler import ClassifierHandler  # noqa: E402
+
+
+def test_versus_peers_goal_needs_speedup_at_no_worse_p99():
+    def row(server, budget, throughput, p99):
+        return {"server": server, "model": "m", "budget": budget, "concurrency": 8, "ok": 1,
+                "throughput": throughput, "p99_ms": p99}
+
+    rows = [row("litserve", 1.0, 40, 100), row("torchserve", 1.0, 50, 120),
+            row("acs-serve", 1.0, 50, 110), row("acs-serve", 0.5, 80, 90),
+            row("acs-serve", 0.25, 90, 80)]
+    dense, half, quarter = peers.versus_peers(rows)
+    assert dense["best_peer"] == "torchserve" and dense["met"] is True
+    assert half["throughput_ratio"] == pytest.approx(1.6) and half["met"] is True
+    assert quarter["goal"] is None and quarter["met"] is None
+
+
+def test_missing_peers_are_named_with_the_reason(monkeypatch):
+    monkeypatch.setattr(peers.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(peers.shutil, "which", lambda tool: None if tool == "java" else tool)
+    assert "pip install litserve" in peers.missing("litserve")
+    assert peers.missing("torchserve").startswith("java not found")
+
+
+def test_stop_group_leaves_no_process_behind():
+    proc = subprocess.Popen(["sh", "-c", "sleep 30 & sleep 30"], start_new_session=True)
+    time.sleep(0.2)
+    start = time.monotonic()
+    assert stop_group(proc, timeout=5)
+    assert time.monotonic() - start < 2 and proc.poll() is not None
+
+
+@pytest.fixture(scope="module")
+def dense(tmp_path_factory):
+    return make_weights(tmp_path_factory.mktemp("weights"), "densenet40", factory="densenet40")
+
+
+def our_top_class(weights, images: list[bytes]) -> list[int]:
+    checkpoint = load_checkpoint(weights)
+    x = preprocess(images, checkpoint.manifest, 10**8)
+    return compact(checkpoint.model)(x, budget=1.0, policy="topk").argmax(1).tolist()
+
+
+class Context:
+    def __init__(self, model_dir) -> None:
+        self.system_properties = {"model_dir": str(model_dir)}
+
+
+def test_torchserve_handler_matches_acs_serve(dense):
+    images = [png_bytes(), png_bytes(40)]
+    handler = ClassifierHandler()
+    handler.initialize(Context(dense))
+    out = handler.handle([{"body": images[0]}, {"data": bytearray(images[1])}], None)
+    assert [o["top_k"][0]["index"] for o in out] == our_top_class(dense, images)
+    assert all(len(o["top_k"]) == 5 for o in out)
+
+
+def test_litserve_api_matches_acs_serve(dense):
+    pytest.importorskip("litserve")
+    from litserve_app import ClassifierAPI
+
+    images = [png_bytes(), png_bytes()]
+    api = ClassifierAPI(str(dense), 1, max_batch_size=8, batch_timeout=0.001)
+    api.pre_setup()  # LitServer does this: picks the default unbatch
+    api.setup("cpu")
+    batch = api.batch([api.decode_request(image) for image in images])
+    out = [api.encode_response(o) for o in api.unbatch(api.predict(batch))]
+    assert [o["top_k"][0]["index"] for o in out] == our_top_class(dense, images)
