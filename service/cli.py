@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 
 import uvicorn
 
@@ -11,16 +12,24 @@ from .config import parse_args
 
 
 class DrainingServer(uvicorn.Server):
-    """Marks the app as draining (readiness fails) as soon as a stop signal arrives; uvicorn
-    then stops accepting connections and waits for the requests in flight."""
+    """Marks the app as draining (readiness fails) as soon as a stop signal arrives, keeps
+    accepting for `drain_delay` seconds (connections already queued in the listen backlog
+    would otherwise be reset), then lets uvicorn stop accepting and wait for the requests in
+    flight. A second signal stops at once."""
 
-    def __init__(self, config: uvicorn.Config, state) -> None:
+    def __init__(self, config: uvicorn.Config, state, drain_delay: float) -> None:
         super().__init__(config)
-        self.serving_state = state
+        self.serving_state, self.drain_delay = state, drain_delay
 
     def handle_exit(self, sig, frame) -> None:
+        if self.serving_state.draining or self.drain_delay <= 0:
+            self.serving_state.draining = True
+            super().handle_exit(sig, frame)
+            return
         self.serving_state.draining = True
-        super().handle_exit(sig, frame)
+        timer = threading.Timer(self.drain_delay, super().handle_exit, (sig, frame))
+        timer.daemon = True
+        timer.start()
 
 
 def main(argv=None) -> None:
@@ -31,7 +40,7 @@ def main(argv=None) -> None:
     config = uvicorn.Config(app, host=settings.host, port=settings.port,
                             log_level=settings.log_level,
                             timeout_graceful_shutdown=int(settings.graceful_timeout_s))
-    DrainingServer(config, app.state.server).run()
+    DrainingServer(config, app.state.server, settings.drain_delay_s).run()
 
 
 if __name__ == "__main__":

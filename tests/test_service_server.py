@@ -117,3 +117,24 @@ def test_sigterm_under_load_loses_no_in_flight_request(weights):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_sigterm_keeps_serving_through_the_drain_delay_and_a_second_signal_stops(weights):
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACS_DRAIN_DELAY_S": "3"}
+    proc = subprocess.Popen([sys.executable, "-m", "service", "--weights-dir", weights,
+                             "--port", str(port), "--log-level", "warning"], env=env)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as c:
+            wait_ready(c.get)
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.3)
+            assert c.get("/readyz").status_code == 503  # load balancers drop it...
+            new = c.post("/v1/predict", files={"file": ("x.png", encode(), "image/png")})
+            assert new.status_code == 200  # ...while it still serves what reaches it
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
+        assert time.monotonic() - started < 2.5  # the second signal did not wait out the delay
+    finally:
+        proc.kill()
