@@ -93,7 +93,7 @@ def main(argv=None) -> int:
     parser.add_argument("--models", nargs="+", required=True, help="checkpoint folders")
     parser.add_argument("--budgets", nargs="+", type=float, default=[1.0, 0.75, 0.5, 0.25, 0.0])
     parser.add_argument("--batch", nargs="+", type=int, default=[1, 32])
-    parser.add_argument("--images", type=int, default=256, help="test images (the first N)")
+    parser.add_argument("--images", type=int, default=256, help="test images (a seeded random N)")
     parser.add_argument("--policy", default="threshold", choices=["threshold", "topk", "cap"])
     parser.add_argument("--repeat", type=int, default=1, help="timed passes over the images")
     parser.add_argument("--threads", type=int, default=1)
@@ -102,7 +102,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     data = load_dataset(args.data)
-    x, labels = data.test_x[: args.images], data.test_y[: args.images]
+    pick = torch.randperm(len(data.test_y), generator=torch.Generator().manual_seed(0))[: args.images]
+    x, labels = data.test_x[pick], data.test_y[pick]  # the test split is ordered by class
     loadavg = os.getloadavg()
     rows = [row for batch in args.batch for folder in args.models
             for row in measure(folder, x, labels, args.budgets, batch, args.policy, args.repeat)]
