@@ -144,7 +144,6 @@ class CGBlock(nn.Module):
 class CGResNet(GatedNetwork):
     """Channel-gated CIFAR ResNet; see the module docstring for the budget mapping."""
 
-
     def __init__(self, config: CGResNetConfig) -> None:
         super().__init__()
         self.config = config

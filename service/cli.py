@@ -22,14 +22,14 @@ class DrainingServer(uvicorn.Server):
         self.serving_state, self.drain_delay = state, drain_delay
 
     def handle_exit(self, sig, frame) -> None:
-        if self.serving_state.draining or self.drain_delay <= 0:
-            self.serving_state.draining = True
-            super().handle_exit(sig, frame)
-            return
+        first = not self.serving_state.draining
         self.serving_state.draining = True
-        timer = threading.Timer(self.drain_delay, super().handle_exit, (sig, frame))
-        timer.daemon = True
-        timer.start()
+        if first and self.drain_delay > 0:
+            timer = threading.Timer(self.drain_delay, super().handle_exit, (sig, frame))
+            timer.daemon = True
+            timer.start()
+        else:
+            super().handle_exit(sig, frame)
 
 
 def main(argv=None) -> None:

@@ -2,9 +2,8 @@
 
 Closed loop: the masks are applied while measuring, so every gate reads what the layers
 before it really computed, and the executed MACs are those the threshold policy spends in
-serving. For each budget b of a grid (the floor, then every `step` up to 1.0):
-
-Costs are in the network's budget unit (`budget_ratio`: executed MACs; BitOps for DFS).
+serving. Costs are in the network's budget unit (`budget_ratio`: executed MACs; BitOps for
+DFS). For each budget b of a grid (the floor, then every `step` up to 1.0):
 
 - tau(b): the smallest threshold whose mean executed-MAC ratio over the calibration images
   is <= b, by bisection; all budgets' candidate thresholds run in one batched pass, each

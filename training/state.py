@@ -35,6 +35,13 @@ def write_json(path: Path, data) -> None:
     os.replace(tmp, path)
 
 
+def save_tensors(path: Path, tensors: dict, metadata: dict | None = None) -> None:
+    """A safetensors file, replaced atomically."""
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, tmp, metadata=metadata)
+    os.replace(tmp, path)
+
+
 def save_state(run: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                progress: dict) -> None:
     """Write model and optimizer state and `progress` (epoch, step, history) as one file."""
@@ -49,9 +56,7 @@ def save_state(run: Path, model: torch.nn.Module, optimizer: torch.optim.Optimiz
                 scalars[f"{index}.{key}"] = value
     metadata = {"progress": json.dumps(progress), "param_groups": json.dumps(optim["param_groups"]),
                 "optim_scalars": json.dumps(scalars)}
-    tmp = run / (CHECKPOINT + ".tmp")
-    save_file(tensors, tmp, metadata=metadata)
-    os.replace(tmp, run / CHECKPOINT)
+    save_tensors(run / CHECKPOINT, tensors, metadata)
 
 
 def read_progress(run: Path) -> dict:
@@ -82,9 +87,7 @@ def save_bn_stats(run: Path, model: torch.nn.Module) -> None:
     """Write the model's BatchNorm statistics (running mean, variance, batch counts)."""
     stats = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
              if k.rsplit(".", 1)[-1] in ("running_mean", "running_var", "num_batches_tracked")}
-    tmp = run / (BN_STATS + ".tmp")
-    save_file(stats, tmp)
-    os.replace(tmp, run / BN_STATS)
+    save_tensors(run / BN_STATS, stats)
 
 
 def read_config(run: Path) -> dict:
