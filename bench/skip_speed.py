@@ -7,7 +7,10 @@ latency of running every sample alone (per_sample_ms) instead of batched/grouped
 timed round-robin, so drift on a shared machine hits them all alike.
 
     python bench/skip_speed.py --plot skip.png       # CPU, batch 1 and 32, table and plot
+    python bench/skip_speed.py --models weights/acs_fastnet weights/fastnet --baseline weights/fastnet
     python bench/skip_speed.py --json out.json --device cuda --batch 1 256
+
+`--baseline` adds vs_baseline: latency over that (dense) model's latency at the same batch.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import time
 import torch
 from common import plot_by_batch
 
+from models.allocator import keep_freed_memory
 from models.checkpoint import load_checkpoint
 from models.registry import FACTORIES, compact
 
@@ -117,14 +121,18 @@ def measure(args) -> list[dict]:
                     "per_sample_ms": round(statistics.median(per_sample) * 1e3, 3)
                     if per_sample else None,
                 })
+    if args.baseline:
+        base = {r["batch"]: r["ms"] for r in rows if r["model"] == args.baseline and r["budget"] == 1.0}
+        for r in rows:
+            r["vs_baseline"] = round(r["ms"] / base[r["batch"]], 3)
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    head = ("model", "device", "batch", "budget", "mac_ratio", "ms", "vs_budget_1",
+    head = ("model", "device", "batch", "budget", "mac_ratio", "ms", "vs_budget_1", "vs_baseline",
             "vs_reference", "gate_share", "images_per_s", "per_sample_ms")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(str(r[h]) for h in head) + " |" for r in rows]
+    lines += ["| " + " | ".join(str(r.get(h)) for h in head) + " |" for r in rows]
     return "\n".join(lines)
 
 
@@ -138,9 +146,9 @@ def plot(rows: list[dict], path: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", nargs="+", default=["acs_densenet40", "acs_densenet40_cheap",
-                                                        "densenet40"],
+    parser.add_argument("--models", nargs="+", default=["weights/acs_fastnet", "weights/fastnet"],
                         help=f"names ({', '.join(MODELS)}) or checkpoint folders")
+    parser.add_argument("--baseline", help="a model of --models to compare every latency with")
     parser.add_argument("--budgets", nargs="+", type=float, default=[1.0, 0.75, 0.5, 0.25])
     parser.add_argument("--batch", nargs="+", type=int, default=[1, 32])
     parser.add_argument("--policy", default="topk", choices=["threshold", "topk", "cap"])
@@ -154,6 +162,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    keep_freed_memory()
     rows = measure(args)
     print(table(rows))
     if args.json:

@@ -12,7 +12,7 @@ included). Below the network's floor it is clamped to the floor.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -51,10 +51,18 @@ class CalibrationTable:
         """Effective budget: the request's budget clamped to [floor, 1]."""
         return budget.clamp(min=self.floor, max=1.0)
 
+    def _tensors(self, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(budgets, taus, counts) as tensors on a device, built once per device."""
+        cache = self.__dict__.setdefault("_cache", {})
+        if device not in cache:
+            cache[device] = (torch.tensor(self.budgets, dtype=torch.float64, device=device),
+                             torch.tensor(self.taus, dtype=torch.float64, device=device),
+                             torch.tensor(self.counts, dtype=torch.long, device=device))
+        return cache[device]
+
     def tau(self, budget: torch.Tensor) -> torch.Tensor:
         """Threshold for each (effective) budget, interpolated linearly between grid points."""
-        grid = torch.tensor(self.budgets, dtype=torch.float64)
-        taus = torch.tensor(self.taus, dtype=torch.float64)
+        grid, taus, _ = self._tensors(torch.device("cpu"))
         b = budget.double().cpu().clamp(grid[0], grid[-1])
         hi = torch.searchsorted(grid, b).clamp(1, len(grid) - 1) if len(grid) > 1 else None
         if hi is None:
@@ -67,12 +75,12 @@ class CalibrationTable:
         """Per-layer counts (B, L) of the largest grid budget <= each budget (cost <= b).
 
         The tolerance absorbs float32 rounding (0.7 arrives as 0.69999999)."""
-        grid = torch.tensor(self.budgets, dtype=torch.float64, device=budget.device)
+        grid, _, counts = self._tensors(budget.device)
         rows = (torch.searchsorted(grid, budget.double() + 1e-6, right=True) - 1).clamp(min=0)
-        return torch.tensor(self.counts, dtype=torch.long, device=budget.device)[rows]
+        return counts[rows]
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
     @classmethod
     def from_dict(cls, data: dict) -> CalibrationTable:

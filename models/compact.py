@@ -63,8 +63,8 @@ class CompactExecutor:
             if step.gate is not None:
                 if keep is None:
                     keep = plan.select(step.gated_index, step.gate(state), step.groups)
-                    key = step.key(keep)
-                    if (key != key[0]).any():
+                    key = step.key(keep) if keep.shape[0] > 1 else None
+                    if key is not None and (key != key[0]).any():
                         logits, rest = self._split(state, plan, i, keep, key)
                         return logits, masks + rest
                 masks.append(keep)

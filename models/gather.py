@@ -13,7 +13,7 @@ def gather_columns(weight: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """
     b, n = index.shape
     rows = weight.T.contiguous().index_select(0, index.reshape(-1))
-    return rows.view(b, n, -1).transpose(1, 2)
+    return rows.view(b, n, weight.shape[0]).transpose(1, 2)
 
 
 def gather_rows(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -71,3 +71,63 @@ def conv_rows_gathered(x: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor
     gathered = weight.index_select(0, rows.reshape(-1))
     out = F.conv2d(x.reshape(1, b * c, h, w), gathered, padding=padding, groups=b)
     return out.reshape(b, k, out.shape[-2], out.shape[-1])
+
+
+
+def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: int = 1,
+           groups: int = 1) -> torch.Tensor:
+    """F.conv2d, but on the CPU always through oneDNN: for one small image PyTorch picks its
+    native im2col path, up to 4x slower on these layer sizes (bench/skip_speed.py)."""
+    if x.device.type == "cpu" and torch.backends.mkldnn.is_available() and x.dtype in MKLDNN_DTYPES:
+        return torch.mkldnn_convolution(x.contiguous(), weight.contiguous(), bias, (padding, padding),
+                                        (1, 1), (1, 1), groups)
+    return F.conv2d(x, weight, bias, padding=padding, groups=groups)
+
+
+MKLDNN_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def block_channels(blocks: torch.Tensor, block: int) -> torch.Tensor:
+    """(B, k * block) channel indices of the channel blocks (B, k) of `block` channels each."""
+    offsets = torch.arange(block, device=blocks.device)
+    return (blocks[..., None] * block + offsets).view(blocks.shape[0], -1)
+
+
+def conv3x3_gathered(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, block: int,
+                     rows: torch.Tensor | None, columns: torch.Tensor | None) -> torch.Tensor:
+    """3x3 convolution (padding 1) computing output channels `rows` (B, k), whole blocks of
+    `block` channels, from x (B, n * block, H, W) holding the input channel blocks `columns`
+    (B, n) of `weight` (O, C, 3, 3); None means all, in order.
+
+    The weight is gathered in one copy of runs of block * 9 values (a row's kept input
+    block) into the layout the convolution reads. One sample runs as a plain convolution on
+    its gathered weight, a batch as one grouped convolution with a weight gathered per
+    sample. No input channel leaves only the bias.
+    """
+    b, c, h, w = x.shape
+    if rows is None and columns is None:
+        return conv2d(x, weight, bias)
+    if rows is None:
+        rows = torch.arange(weight.shape[0], device=x.device).expand(b, -1)
+    k = rows.shape[1]
+    bias = bias.index_select(0, rows.view(-1)).view(b, k)
+    if k == 0 or c == 0:
+        return bias[:, :, None, None].expand(b, k, h, w).contiguous()
+    if columns is None:
+        weight = weight.index_select(0, rows.view(-1))
+    else:
+        chunks = rows[..., None] * (weight.shape[1] // block) + columns[:, None, :]
+        weight = weight.view(-1, block * 9).index_select(0, chunks.view(-1))
+    weight = weight.view(b * k, c, 3, 3)
+    if b == 1:
+        return conv2d(x, weight, bias[0])
+    return conv2d(x.reshape(1, b * c, h, w), weight, bias.reshape(-1), groups=b).view(b, k, h, w)
+
+
+def max_pool2x2(x: torch.Tensor) -> torch.Tensor:
+    """2x2 max pooling, stride 2 (the odd last row and column dropped), as two element-wise
+    maxima: several times faster than F.max_pool2d for one small image on the CPU."""
+    h, w = x.shape[2] // 2 * 2, x.shape[3] // 2 * 2
+    x = x[:, :, :h, :w]
+    x = torch.maximum(x[:, :, 0::2], x[:, :, 1::2])
+    return torch.maximum(x[..., 0::2], x[..., 1::2])

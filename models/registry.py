@@ -10,10 +10,12 @@ from .compact import CompactExecutor
 from .compact_channel_gating import CompactCGResNet
 from .compact_densenet import CompactDenseNet
 from .compact_dfs import CompactDFSResNet
+from .compact_fastnet import CompactFastNet
 from .compact_resnext import CompactResNeXt
 from .compact_slimmable import CompactSlimmableResNet
 from .densenet import ACSDenseNet, DenseNetConfig, acs_densenet40, densenet40
 from .dfs import DFSResNet, DFSResNetConfig, dfs_resnet38, resnet38
+from .fastnet import FastNet, FastNetConfig, acs_fastnet, fastnet
 from .resnext import GResNeXt, ResNeXtConfig, g_resnext29, g_resnext50, g_resnext101
 from .slimmable import SlimmableResNet, SlimmableResNetConfig, slimmable_resnet20
 
@@ -23,9 +25,12 @@ ARCHITECTURES = {
     "slimmable_resnet": (SlimmableResNet, SlimmableResNetConfig, CompactSlimmableResNet),
     "cg_resnet": (CGResNet, CGResNetConfig, CompactCGResNet),
     "dfs_resnet": (DFSResNet, DFSResNetConfig, CompactDFSResNet),
+    "fastnet": (FastNet, FastNetConfig, CompactFastNet),
 }
 
 FACTORIES = {
+    "acs_fastnet": acs_fastnet,
+    "fastnet": fastnet,
     "acs_densenet40": acs_densenet40,
     "densenet40": densenet40,
     "g_resnext29": g_resnext29,

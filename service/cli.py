@@ -7,6 +7,8 @@ import threading
 
 import uvicorn
 
+from models.allocator import keep_freed_memory
+
 from .app import create_app
 from .config import parse_args
 
@@ -34,6 +36,7 @@ class DrainingServer(uvicorn.Server):
 
 def main(argv=None) -> None:
     settings = parse_args(argv)
+    keep_freed_memory()
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)

@@ -227,8 +227,8 @@ def test_resume_continues_at_the_right_epoch_with_identical_state(folders, tmp_p
 
     save = training.train.save_state
 
-    def interrupted(run, model, optimizer, progress):
-        save(run, model, optimizer, progress)
+    def interrupted(run, model, optimizer, progress, extra=None):
+        save(run, model, optimizer, progress, extra)
         raise KeyboardInterrupt
 
     monkeypatch.setattr(training.train, "save_state", interrupted)

@@ -29,7 +29,8 @@ from .config import TrainConfig, load_splits, resume_config, run_config
 from .data import default_cache, load_dataset
 from .evaluate import evaluate, write_report
 from .export import export
-from .state import CALIBRATION, load_trained, save_bn_stats, write_json
+from .recipe import RECIPES, recipe_defaults
+from .state import CALIBRATION, CONFIG, load_trained, log_command, save_bn_stats, write_json
 from .train import pick_device, train
 
 SUPPRESS = argparse.SUPPRESS
@@ -60,8 +61,23 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
     a("--cost-weight", type=float, help="weight of (executed-MAC ratio - budget)^2 (default 2)")
     a("--dg-weight", type=float, help="weight of the DGConv regularizer (default 1e-3)")
     a("--seed", type=int)
-    a("--amp", action="store_true", help="bfloat16 autocast on CUDA")
+    a("--precision", choices=("auto", "bf16", "fp32"),
+      help="auto (default): bfloat16 autocast where the CPU (AVX-512 bf16, AMX) or GPU has it")
     a("--compile", action="store_true", help="torch.compile the model")
+    a("--recipe", choices=sorted(RECIPES),
+      help="preset of the options below: default, or fast (airbench-style: batch 1024, triangular "
+           "schedule, label smoothing, lookahead, alternating flips); given options win")
+    a("--schedule", choices=("cosine", "triangle"))
+    a("--label-smoothing", type=float)
+    a("--translate", type=int, help="random translation in pixels (default 4)")
+    a("--flip", choices=("random", "alternate"))
+    a("--init-from", help="start from a trained run's weights (a gated network from its dense baseline)")
+    a("--teacher", help="a trained run to distill from (per-sample budget schedule)")
+    a("--budget-schedule", choices=("sandwich", "per-sample"),
+      help="sandwich (default): full, floor and random-budget passes a step; per-sample: one pass, "
+           "a budget per image")
+    a("--full-fraction", type=float, help="per-sample schedule: share of images at budget 1.0 (0.25)")
+    a("--freeze-bn", action="store_true", help="normalize with the running BN statistics, never update them")
 
 
 def run_arguments(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -128,7 +144,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         return resume_config(args.run, given)
     if "data" not in given:
         raise SystemExit("acs-train: --data is required (unless --resume)")
-    return TrainConfig(**given)
+    return TrainConfig(**{**recipe_defaults(given.pop("recipe", "default")), **given})
 
 
 def command_overrides(args: argparse.Namespace) -> dict:
@@ -185,6 +201,15 @@ def run_export(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    started = time.time()
+    status = run_command(args)
+    run = getattr(args, "run", None)
+    if run and int(os.environ.get("RANK", "0")) == 0 and (Path(run) / CONFIG).is_file():
+        log_command(Path(run), sys.argv[1:] if argv is None else list(argv), time.time() - started)
+    return status
+
+
+def run_command(args: argparse.Namespace) -> int:
     if args.command == "prepare":
         data = load_dataset(args.data, args.cache, args.image_size, args.workers, args.force)
         source = Path(args.data)

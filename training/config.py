@@ -13,7 +13,7 @@ from models.registry import FACTORIES, build_model
 from .data import Dataset, holdout_split, load_dataset, subset
 from .state import read_config
 
-RESUMABLE = ("epochs", "device", "amp", "compile", "workers")
+RESUMABLE = ("epochs", "device", "precision", "compile", "workers")
 
 
 @dataclass
@@ -43,8 +43,29 @@ class TrainConfig:
     dg_weight: float = 1e-3
     seed: int = 0
     device: str = "auto"
-    amp: bool = False
+    precision: str = "auto"
     compile: bool = False
+    recipe: str = "default"
+    schedule: str = "cosine"
+    decoupled: bool = False
+    bias_lr_scale: float = 1.0
+    label_smoothing: float = 0.0
+    lookahead: bool = False
+    translate: int = 4
+    reflect: bool = False
+    flip: str = "random"
+    init_from: str | None = None
+    teacher: str | None = None
+    budget_schedule: str = "sandwich"
+    full_fraction: float = 0.25
+    freeze_bn: bool = False
+
+    def __post_init__(self) -> None:
+        choices = {"precision": ("auto", "bf16", "fp32"), "schedule": ("cosine", "triangle"),
+                   "flip": ("random", "alternate"), "budget_schedule": ("sandwich", "per-sample")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
 
 
 @dataclass

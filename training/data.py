@@ -239,20 +239,32 @@ def epoch_order(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0,
     return list(shard.split(per_rank)) if steps else []
 
 
-def augment(images: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
-    """Random crop (zero padding `pad`) and horizontal flip of a uint8 batch, on its device."""
+def augment(images: torch.Tensor, generator: torch.Generator, pad: int = 4,
+            flip: torch.Tensor | None = None, reflect: bool = False) -> torch.Tensor:
+    """Random translation by up to `pad` pixels (zero or reflected edges) and horizontal flip
+    of a uint8 batch, on its device; `flip` (B,) bool chooses the flips instead of chance."""
     b, c, h, w = images.shape
     device = images.device
-    padded = F.pad(images, (pad, pad, pad, pad))
+    if reflect and pad:
+        padded = F.pad(images.float(), (pad, pad, pad, pad), mode="reflect").to(images.dtype)
+    else:
+        padded = F.pad(images, (pad, pad, pad, pad))
     dy = torch.randint(0, 2 * pad + 1, (b, 1), generator=generator, device=device)
     dx = torch.randint(0, 2 * pad + 1, (b, 1), generator=generator, device=device)
     rows = dy + torch.arange(h, device=device)
     cols = dx + torch.arange(w, device=device)
-    flip = torch.rand(b, 1, generator=generator, device=device) < 0.5
-    cols = torch.where(flip, cols.flip(1), cols)
+    if flip is None:
+        flip = torch.rand(b, 1, generator=generator, device=device) < 0.5
+    cols = torch.where(flip.view(b, 1), cols.flip(1), cols)
     return padded[torch.arange(b, device=device)[:, None, None, None],
                   torch.arange(c, device=device)[None, :, None, None],
                   rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def alternating_flips(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """(n,) bool: a random half of the images flipped in even epochs, the other half in odd."""
+    base = torch.rand(n, generator=torch.Generator().manual_seed(seed)) < 0.5
+    return base ^ bool(epoch % 2)
 
 
 def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:

@@ -57,6 +57,26 @@ def export(run: str | Path, out: str | Path, name: str | None = None) -> Path:
     return out
 
 
+def schedule(train: dict) -> str:
+    """The budget schedule of a run, in words."""
+    if train.get("budget_schedule") == "per-sample":
+        start = f", started from `{train['init_from']}`" if train.get("init_from") else ""
+        teacher = f", distilled from `{train['teacher']}`" if train.get("teacher") else ""
+        return (f"one pass a step, a budget per image ({train['full_fraction']} of them at 1.0, the rest "
+                f"uniform from {train.get('min_budget') or 'the floor'}){start}{teacher}"
+                f"{', BN statistics frozen' if train.get('freeze_bn') else ''}")
+    return f"budgets per step: full, floor, {train['random_budgets']} random"
+
+
+def wall_time(config: dict) -> str:
+    """Wall time of each logged command and the hardware it ran on."""
+    log = config.get("log", [])
+    if not log:
+        return "not logged"
+    parts = [f"{e['command'].split()[1]} {e['seconds'] / 60:.1f} min" for e in log]
+    return f"{', '.join(parts)} ({log[-1]['hardware']})"
+
+
 def model_card(name: str, config: dict, progress: dict, model, result: dict | None) -> str:
     train, data = config["train"], config["data"]
     last = progress["history"][-1] if progress["history"] else {}
@@ -70,9 +90,10 @@ def model_card(name: str, config: dict, progress: dict, model, result: dict | No
         f"| config | `{json.dumps(config['model'])}` |",
         f"| input | {data['image_size']}x{data['image_size']}, mean {data['mean']}, std {data['std']} |",
         f"| dense MACs | {dense / 1e6:.1f} M; floor (every gated channel skipped) {model.floor():.3f} |",
-        f"| training | {progress['epoch']} epochs, {progress['step']} steps, batch {train['batch_size']}, "
-        f"lr {train['lr']}, budgets per step: full, floor, {train['random_budgets']} random; "
+        f"| training | recipe `{train.get('recipe', 'default')}`: {progress['epoch']} epochs, "
+        f"{progress['step']} steps, batch {train['batch_size']}, lr {train['lr']}, {schedule(train)}; "
         f"cost weight {train['cost_weight']}, DGConv weight {train['dg_weight']}, seed {train['seed']} |",
+        f"| wall time | {wall_time(config)} |",
         f"| last epoch | {json.dumps(last)} |",
         f"| calibration | {model.table.source} on {model.table.extra.get('images')} calibration images |",
     ]
@@ -81,6 +102,10 @@ def model_card(name: str, config: dict, progress: dict, model, result: dict | No
     if result:
         lines += ["", f"## Accuracy and executed MACs on the test split ({result['images']} images)", "",
                   markdown_table(result), f"![accuracy vs MACs]({PLOT})"]
+    if config.get("log"):
+        lines += ["", "## Reproduce", "", "The `acs-train` commands this model came from, in order "
+                  "(then `acs-train export`):", "", "```",
+                  *[entry["command"] for entry in config["log"]], "```"]
     lines += ["", "## Use", "", "```python", "from models.checkpoint import load_checkpoint",
               f'ckpt = load_checkpoint("weights/{name}")',
               "logits = ckpt.model(x, budget=0.5, policy=\"threshold\")  # x: normalized (B, 3, H, W)",

@@ -44,6 +44,17 @@ def sample_budgets(floor: float, random: int, generator: torch.Generator,
     return [1.0, floor, *(low + (1 - low) * torch.rand(random, generator=generator)).tolist()]
 
 
+def per_sample_budgets(batch: int, floor: float, full_fraction: float, generator: torch.Generator,
+                       low: float | None = None) -> torch.Tensor:
+    """(B,) budgets for a one-pass step: `full_fraction` of the images at 1.0, the rest
+    uniform in [low, 1] (low defaults to the floor); all 1.0 for a dense network."""
+    if floor >= 1.0:
+        return torch.ones(batch)
+    low = floor if low is None else max(low, floor)
+    budgets = low + (1 - low) * torch.rand(batch, generator=generator)
+    return torch.where(torch.rand(batch, generator=generator) < full_fraction, 1.0, budgets)
+
+
 def training_table(model: GatedNetwork) -> CalibrationTable:
     """tau(b) = 1 - (b - floor) / (1 - floor): the threshold the training passes use; a
     network whose cost does not depend on the input (slimmable) keeps its exact table."""
@@ -119,6 +130,8 @@ class Objective:
     cost: CostModel
     cost_weight: float = 2.0
     dg_weight: float = 1e-3
+    label_smoothing: float = 0.0
+    per_sample: bool = False  # cost term per image, against its own budget (one-pass schedule)
 
     def __call__(self, model: GatedNetwork, logits: torch.Tensor, info: ForwardInfo,
                  labels: torch.Tensor | None = None, teacher: torch.Tensor | None = None,
@@ -126,14 +139,19 @@ class Objective:
         """Cross-entropy on `labels`, or soft cross-entropy on `teacher` probabilities."""
         logits = logits.float()
         if teacher is None:
-            task = F.cross_entropy(logits, labels)
+            task = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
         else:
             task = -(teacher * F.log_softmax(logits, 1)).sum(1).mean()
         ratio = self.cost.ratio(info)
-        target = info.plan.effective.float().mean()
+        budgets = info.plan.effective.float().to(ratio.device)
+        target = budgets.mean()
         loss = task
         if info.masks:
-            loss = loss + self.cost_weight * (ratio.mean() - target).square()
+            if self.per_sample:
+                excess = (ratio - budgets).square().mean()
+            else:
+                excess = (ratio.mean() - target).square()
+            loss = loss + self.cost_weight * excess
         if regularize and self.dg_weight:
             loss = loss + self.dg_weight * model.regularizer().to(loss.device)
         return loss, {"task": task.detach(), "ratio": ratio.detach().mean(), "target": target}

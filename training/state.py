@@ -27,6 +27,7 @@ CONFIG = "config.json"
 CHECKPOINT = "checkpoint.safetensors"
 CALIBRATION = "calibration.json"
 BN_STATS = "bn_stats.safetensors"
+LOOKAHEAD = "lookahead"
 
 
 def write_json(path: Path, data) -> None:
@@ -43,9 +44,12 @@ def save_tensors(path: Path, tensors: dict, metadata: dict | None = None) -> Non
 
 
 def save_state(run: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-               progress: dict) -> None:
-    """Write model and optimizer state and `progress` (epoch, step, history) as one file."""
+               progress: dict, extra: dict[str, dict[str, torch.Tensor]] | None = None) -> None:
+    """Write model and optimizer state, `progress` (epoch, step, history) and `extra` named
+    groups of tensors (e.g. the lookahead weights) as one file."""
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    for group, values in (extra or {}).items():
+        tensors.update({f"{group}.{k}": v.detach().cpu().contiguous() for k, v in values.items()})
     optim = optimizer.state_dict()
     scalars = {}
     for index, state in optim["state"].items():
@@ -83,11 +87,53 @@ def load_state(run: Path, model: torch.nn.Module, optimizer: torch.optim.Optimiz
     return json.loads(metadata["progress"])
 
 
+def read_tensors(run: Path, group: str) -> dict[str, torch.Tensor]:
+    """A named group of tensors saved with the checkpoint (`save_state`'s `extra`)."""
+    prefix = group + "."
+    return {k[len(prefix):]: v for k, v in load_file(run / CHECKPOINT).items() if k.startswith(prefix)}
+
+
+def init_weights(model: torch.nn.Module, run: Path) -> list[str]:
+    """Start a model from a trained run's weights, e.g. a gated network from its dense
+    baseline: every tensor of the run must fit the model; returns the model's tensors the
+    run does not have (the gates), which keep their initialization."""
+    source = {k[6:]: v for k, v in load_file(run / CHECKPOINT).items() if k.startswith("model.")}
+    own = model.state_dict()
+    misfits = sorted(k for k, v in source.items() if k not in own or own[k].shape != v.shape)
+    if misfits:
+        raise ValueError(f"{run}: weights that do not fit this model: {misfits[:5]}")
+    model.load_state_dict(source, strict=False)
+    return sorted(set(own) - set(source))
+
+
 def save_bn_stats(run: Path, model: torch.nn.Module) -> None:
     """Write the model's BatchNorm statistics (running mean, variance, batch counts)."""
     stats = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
              if k.rsplit(".", 1)[-1] in ("running_mean", "running_var", "num_batches_tracked")}
     save_tensors(run / BN_STATS, stats)
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux), else the platform's processor string."""
+    import platform
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def log_command(run: Path, argv: list[str], seconds: float) -> None:
+    """Append a command that worked on the run, its wall time and the hardware to its config
+    (model cards list them: how to reproduce the run, and what it cost)."""
+    config = read_config(run)
+    device = "cuda: " + torch.cuda.get_device_name() if torch.cuda.is_available() else \
+        f"cpu: {cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+    config.setdefault("log", []).append({"command": " ".join(["acs-train", *argv]),
+                                         "seconds": round(seconds, 1), "hardware": device})
+    write_json(run / CONFIG, config)
 
 
 def read_config(run: Path) -> dict:

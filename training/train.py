@@ -1,18 +1,25 @@
 """Budget-conditioned training: one model for every budget; resumable; DDP under torchrun.
 
-Every step samples budgets (full, floor, random; `objective.sample_budgets`), runs the batch
-at each, and backpropagates each pass's loss at once (the graph of one pass is freed before
-the next; under DDP the gradients are all-reduced once, after the last pass). SGD with
-Nesterov momentum, linear warmup then cosine decay, no weight decay on 1-d parameters (BN,
-biases, gate logits), the gradient norm clipped (`grad_clip`; without it, the post-activation
-ResNets of channel gating diverged in the first steps at lr 0.1). A checkpoint is written
-after every epoch; randomness is seeded per (seed, epoch, rank), so a resumed run continues
-exactly where the interrupted one stopped.
+Two budget schedules (`budget_schedule`):
+- `sandwich`: every step runs the batch at the full budget, the floor and random budgets
+  (`objective.sample_budgets`) and backpropagates each pass's loss at once (the graph of one
+  pass is freed before the next; under DDP the gradients are all-reduced once, after the
+  last pass); the lower budgets are distilled from the full pass.
+- `per-sample`: one pass a step, every image with its own budget (`full_fraction` of them
+  at 1.0, the rest uniform in [min_budget or the floor, 1]), distilled from a trained
+  `teacher` run when there is one. With `init_from` (a trained dense run) and `freeze_bn`,
+  this fine-tunes a dense network's weights and trains its gates in a few epochs.
+
+The optimizer, schedule, weight averaging and augmentation come from the recipe
+(`recipe.py`). The model and batches are channels_last; bfloat16 autocast runs where the
+hardware has it (`precision`). The gradient norm is clipped (`grad_clip`; without it, the
+post-activation ResNets of channel gating diverged in the first steps at lr 0.1). A
+checkpoint is written after every epoch; randomness is seeded per (seed, epoch, rank), so a
+resumed run continues exactly where the interrupted one stopped.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from contextlib import nullcontext
@@ -28,10 +35,29 @@ from models.base import GatedNetwork
 from models.registry import describe
 
 from .config import Splits, TrainConfig, create_model, load_splits
-from .data import augment, epoch_order, normalize
+from .data import alternating_flips, augment, epoch_order, normalize
 from .evaluate import measure
-from .objective import CostModel, Objective, gates_frozen, running_bn, sample_budgets, training_table
-from .state import CHECKPOINT, CONFIG, load_state, save_state, write_json
+from .objective import (
+    CostModel,
+    Objective,
+    gates_frozen,
+    per_sample_budgets,
+    running_bn,
+    sample_budgets,
+    training_table,
+)
+from .recipe import Lookahead, autocast_for, make_optimizer, set_learning_rate
+from .state import (
+    CHECKPOINT,
+    CONFIG,
+    LOOKAHEAD,
+    init_weights,
+    load_state,
+    load_trained,
+    read_tensors,
+    save_state,
+    write_json,
+)
 
 LOG_EVERY = 10  # steps between progress-bar updates (each reads values back from the device)
 
@@ -75,22 +101,20 @@ class Distributed:
             dist.destroy_process_group()
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    return torch.optim.SGD([{"params": decay, "weight_decay": cfg.weight_decay},
-                            {"params": no_decay, "weight_decay": 0.0}],
-                           lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
-
-
-def learning_rate(cfg: TrainConfig, step: int, total: int) -> float:
-    warmup = max(1, round(cfg.warmup * total))
-    return cfg.lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / total))
-
-
 def seeded(seed: int, epoch: int, stream: int, device: torch.device | str = "cpu") -> torch.Generator:
     """A generator for one epoch and one stream of randomness (budgets, augmentation + rank)."""
     return torch.Generator(device).manual_seed((seed * 100_003 + epoch) * 1_009 + stream)
+
+
+WHITENING_IMAGES = 5000
+
+
+def initialize(model: GatedNetwork, cfg: TrainConfig, images: torch.Tensor, data) -> None:
+    """Weights from a trained run (`init_from`), else a whitening layer set from the data."""
+    if cfg.init_from:
+        init_weights(model, Path(cfg.init_from))
+    elif hasattr(model, "init_whitening"):
+        model.init_whitening(normalize(images[:WHITENING_IMAGES], data.mean, data.std))
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> GatedNetwork:
@@ -118,35 +142,43 @@ def train(cfg: TrainConfig, resume: bool = False) -> GatedNetwork:
                      "classes": data.classes, "mean": data.mean, "std": data.std,
                      "image_size": data.image_size, "train_images": len(splits.train),
                      "calibration_images": len(splits.calibration)}})
+    images, labels = data.train_x[splits.train].to(device), data.train_y[splits.train].to(device)
+    initialize(model, cfg, images, data)
     cuda = device.type == "cuda"
-    model.to(device, memory_format=torch.channels_last if cuda else torch.preserve_format)
+    model.to(device, memory_format=torch.channels_last)
     optimizer = make_optimizer(model, cfg)
     progress = {"epoch": 0, "step": 0, "history": []}
     if resume:
         progress = load_state(run, model, optimizer)
+    lookahead = Lookahead(model, read_tensors(run, LOOKAHEAD) if resume else None) if cfg.lookahead else None
+    teacher = load_trained(Path(cfg.teacher)).to(device, memory_format=torch.channels_last) \
+        if cfg.teacher else None
 
     net = ddp = None
     if ranks.world > 1:
         net = ddp = DistributedDataParallel(model, device_ids=[device.index] if cuda else None,
                                             broadcast_buffers=False)
     net = torch.compile(net or model) if cfg.compile else net or model
-    autocast = torch.autocast("cuda", torch.bfloat16, enabled=cfg.amp and cuda)
+    autocast = autocast_for(cfg, device)
 
-    images, labels = data.train_x[splits.train].to(device), data.train_y[splits.train].to(device)
     steps_per_epoch = len(splits.train) // cfg.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"{len(splits.train)} training images are fewer than one batch")
     total = cfg.epochs * steps_per_epoch
-    if model.gated and cfg.random_budgets < 1:
+    if model.gated and cfg.budget_schedule == "sandwich" and cfg.random_budgets < 1:
         raise ValueError("the gates learn from the random budgets: --random-budgets must be >= 1")
     floor = model.floor()
     model.table = training_table(model)
 
     for epoch in range(progress["epoch"], cfg.epochs):
         model.train()
-        objective = Objective(CostModel(model), cfg.cost_weight, cfg.dg_weight)
+        objective = Objective(CostModel(model), cfg.cost_weight, cfg.dg_weight, cfg.label_smoothing,
+                              per_sample=cfg.budget_schedule == "per-sample")
         budget_rng = seeded(cfg.seed, epoch, 0)
         augment_rng = seeded(cfg.seed, epoch, 1 + ranks.rank, device)
+        flips = None
+        if cfg.flip == "alternate":
+            flips = alternating_flips(len(labels), cfg.seed, epoch).to(device)
         batches = epoch_order(len(labels), cfg.batch_size, cfg.seed, epoch, ranks.rank, ranks.world)
         meter = {}
         started = time.time()
@@ -154,18 +186,25 @@ def train(cfg: TrainConfig, resume: bool = False) -> GatedNetwork:
                    dynamic_ncols=True, mininterval=1.0)
         for n, index in enumerate(bar, 1):
             index = index.to(device)
-            x = normalize(augment(images[index], augment_rng), data.mean, data.std)
-            if cuda:
-                x = x.contiguous(memory_format=torch.channels_last)
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(cfg, progress["step"], total)
+            x = augment(images[index], augment_rng, cfg.translate, None if flips is None else flips[index],
+                        cfg.reflect)
+            x = normalize(x, data.mean, data.std).contiguous(memory_format=torch.channels_last)
+            set_learning_rate(optimizer, cfg, progress["step"], total)
             optimizer.zero_grad(set_to_none=True)
-            budgets = sample_budgets(floor, cfg.random_budgets, budget_rng, cfg.min_budget)
-            step = train_step(net, model, ddp, objective, x, labels[index], budgets, autocast)
+            if cfg.budget_schedule == "per-sample":
+                budgets = per_sample_budgets(len(index), floor, cfg.full_fraction, budget_rng, cfg.min_budget)
+                step = per_sample_step(net, model, objective, x, labels[index], budgets, autocast,
+                                       teacher, cfg.freeze_bn)
+            else:
+                budgets = sample_budgets(floor, cfg.random_budgets, budget_rng, cfg.min_budget)
+                step = train_step(net, model, ddp, objective, x, labels[index], budgets, autocast,
+                                  cfg.freeze_bn)
             if cfg.grad_clip:
                 step["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
             progress["step"] += 1
+            if lookahead:
+                lookahead.step(model, progress["step"], total)
             for key, value in step.items():
                 meter[key] = meter.get(key, 0.0) + value
             if n % LOG_EVERY == 0 or n == len(batches):
@@ -175,6 +214,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> GatedNetwork:
         bar.close()
         ranks.average_buffers(model)
         progress["epoch"] = epoch + 1
+        if lookahead and progress["epoch"] == cfg.epochs:
+            lookahead.finish(model)
         if ranks.main:
             entry = {"epoch": epoch + 1, "step": progress["step"], "seconds": round(time.time() - started, 1),
                      "lr": optimizer.param_groups[0]["lr"],
@@ -182,22 +223,24 @@ def train(cfg: TrainConfig, resume: bool = False) -> GatedNetwork:
                      **validate(model, splits, device)}
             progress["history"].append(entry)
             print(" ".join(f"{k} {v}" for k, v in entry.items()), flush=True)
-            save_state(run, model, optimizer, progress)
+            save_state(run, model, optimizer, progress, {LOOKAHEAD: lookahead.slow} if lookahead else {})
         ranks.barrier()
     ranks.stop()
     return model
 
 
 def train_step(net, model: GatedNetwork, ddp: DistributedDataParallel | None, objective: Objective,
-               x: torch.Tensor, y: torch.Tensor, budgets: list[float], autocast) -> dict:
+               x: torch.Tensor, y: torch.Tensor, budgets: list[float], autocast,
+               freeze_bn: bool = False) -> dict:
     """Forward and backward at every budget of a step (the full one first: its output is the
     teacher). Returns loss, accuracy (full budget), executed-MAC ratio and budget (the random
     budgets), as tensors."""
     teacher, losses, parts = None, [], []
     for i, budget in enumerate(budgets):
         sync = ddp is None or i == len(budgets) - 1  # all-reduce the summed gradients once
+        frozen = freeze_bn or (i > 0 and model.adaptive)
         with nullcontext() if sync else ddp.no_sync():
-            with (autocast, running_bn(model) if i > 0 and model.adaptive else nullcontext(),
+            with (autocast, running_bn(model) if frozen else nullcontext(),
                   gates_frozen(model) if i < 2 else nullcontext()):
                 # a tensor budget: torch.compile does not specialize (recompile) on its value
                 logits, info = net(x, budget=torch.tensor(budget), return_info=True)
@@ -212,6 +255,23 @@ def train_step(net, model: GatedNetwork, ddp: DistributedDataParallel | None, ob
     return {"loss": sum(losses), "acc": accuracy,
             "ratio": sum(p["ratio"] for p in partial) / len(partial),
             "target": sum(p["target"] for p in partial) / len(partial)}
+
+
+def per_sample_step(net, model: GatedNetwork, objective: Objective, x: torch.Tensor, y: torch.Tensor,
+                    budgets: torch.Tensor, autocast, teacher: GatedNetwork | None,
+                    freeze_bn: bool) -> dict:
+    """One forward and backward, every image at its own budget; distilled from `teacher`
+    (a trained network, in eval mode) when given, else cross-entropy on the labels."""
+    target = None
+    if teacher is not None:
+        with torch.no_grad(), autocast:
+            target = teacher(x).float().softmax(1)
+    with autocast, running_bn(model) if freeze_bn else nullcontext():
+        logits, info = net(x, budget=budgets.to(x.device), return_info=True)
+    loss, stats = objective(model, logits, info, labels=y, teacher=target, regularize=True)
+    loss.backward()
+    return {"loss": loss.detach(), "acc": (logits.argmax(1) == y).float().mean(),
+            "ratio": stats["ratio"], "target": stats["target"]}
 
 
 def validate(model: GatedNetwork, splits: Splits, device: torch.device) -> dict:
