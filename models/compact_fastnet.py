@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from .compact import CompactExecutor, State, Step
 from .fastnet import FastNet, conv_weight
-from .gather import block_channels, conv3x3_gathered, linear_gathered, max_pool2x2
+from .gather import block_channels, conv2d, conv3x3_gathered, linear_gathered, max_pool2x2
 
 
 def _count(keep: torch.Tensor) -> torch.Tensor:
@@ -23,9 +23,8 @@ def _count(keep: torch.Tensor) -> torch.Tensor:
 
 def kept_blocks(keep: torch.Tensor) -> torch.Tensor | None:
     """(B, k) indices of the kept blocks (B, U) (equal counts), or None when all are kept."""
-    if bool(keep.all()):
-        return None
-    return keep.nonzero()[:, 1].view(keep.shape[0], -1)
+    kept = keep.nonzero()
+    return None if kept.shape[0] == keep.numel() else kept[:, 1].view(keep.shape[0], -1)
 
 
 class CompactFastNet(CompactExecutor):
@@ -41,7 +40,9 @@ class CompactFastNet(CompactExecutor):
                 weight = conv_weight(conv) * scale[:, None, None, None]
                 shift = norm.bias - norm.running_mean * scale
                 self.folded.append((weight.contiguous(), shift.contiguous()))
-        steps = [Step(lambda state, keep: {"h": model.stem(state["x"]), "blocks": None, "index": None})]
+        whiten = model.whiten.weight.detach(), model.whiten.bias.detach()
+        steps = [Step(lambda state, keep: {"h": F.gelu(conv2d(state["x"], *whiten, padding=0)),
+                                           "blocks": None, "index": None})]
         for i in range(len(model.convs)):
             gate = None if model.gates is None else self._gate(model.gates[i])
             steps.append(Step(self._layer(i), gate=gate, gated_index=i if gate else -1, key=_count))

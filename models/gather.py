@@ -44,7 +44,8 @@ def linear_gathered(x: torch.Tensor, weight: torch.Tensor, index: torch.Tensor,
     if index is None:
         return F.linear(x, weight) + _bias(bias, weight, 2)
     if x.shape[0] == 1:
-        return F.linear(x, weight.index_select(1, index[0])) + _bias(bias, weight, 2)
+        row_bias = bias if bias is None or bias.dim() == 1 else bias[0]
+        return F.linear(x, weight.index_select(1, index[0]), row_bias)
     out = torch.bmm(gather_columns(weight, index), x.unsqueeze(2)).squeeze(2)
     return out + _bias(bias, weight, 2)
 

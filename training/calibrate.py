@@ -6,8 +6,8 @@ serving. Costs are in the network's budget unit (`budget_ratio`: executed MACs; 
 DFS). For each budget b of a grid (the floor, then every `step` up to 1.0):
 
 - tau(b): the smallest threshold whose mean executed-MAC ratio over the calibration images
-  is <= b, by bisection; all budgets' candidate thresholds run in one batched pass, each
-  image repeated once per budget with its own threshold.
+  is <= b, by a sweep of thresholds, then regula falsi; all budgets' candidate thresholds
+  run in one batched pass, each image repeated once per budget with its own threshold.
 - counts_l(b), for topk and cap: where the threshold policy spends at tau(b) (each layer's
   mean kept fraction), scaled as high as a cost <= b allows, never below the counts of the
   next lower budget; what is left of b is then filled greedily.
@@ -61,22 +61,39 @@ def budget_grid(floor: float, step: float) -> list[float]:
     return [floor] + [b for b in grid.double().tolist() if b > floor + 1e-6]
 
 
+SWEEP_POINTS = 24
+
+
 def calibrate(model: GatedNetwork, images: torch.Tensor, mean, std, device="cpu", step: float = 0.05,
-              iterations: int = 10) -> CalibrationTable:
+              iterations: int = 3) -> CalibrationTable:
     """A monotone closed-loop table for the model from uint8 calibration images (the exact
-    data-free table for a network whose cost does not depend on the input)."""
+    data-free table for a network whose cost does not depend on the input).
+
+    tau(b) for every budget at once: a sweep of SWEEP_POINTS + 1 thresholds over [0, 1]
+    brackets each budget's threshold, then `iterations` rounds of regula falsi (the secant
+    point within the bracket) narrow the brackets; each budget gets its bracket's upper end,
+    the lowest threshold measured to fit."""
     if not model.gated or not model.adaptive:
         return model.uniform_table()
     floor = model.floor()
     budgets = budget_grid(floor, step)
     target = torch.tensor(budgets, dtype=torch.float64) + 1e-9
-    lo, hi = torch.zeros(len(budgets)), torch.ones(len(budgets))
+    sweep = torch.linspace(0, 1, SWEEP_POINTS + 1)
+    swept = threshold_pass(model, images, sweep, mean, std, device)[0].mean(1)
+    fits = swept[None, :] <= target[:, None]
+    first = torch.where(fits.any(1), fits.int().argmax(1), len(sweep) - 1)
+    hi, r_hi = sweep[first].double(), swept[first]
+    below = (first - 1).clamp(min=0)
+    lo, r_lo = torch.where(first > 0, sweep[below].double(), hi), torch.where(first > 0, swept[below], r_hi)
     for _ in range(iterations):
-        mid = (lo + hi) / 2
-        fits = threshold_pass(model, images, mid, mean, std, device)[0].mean(1) <= target
-        hi, lo = torch.where(fits, mid, hi), torch.where(fits, lo, mid)
-    everything = threshold_pass(model, images, torch.zeros(1), mean, std, device)[0].mean()
-    taus = torch.where(everything <= target, torch.zeros_like(hi), hi).cummin(0).values
+        width = hi - lo
+        slope = (r_lo - r_hi).clamp(min=1e-12)
+        guess = (lo + (r_lo - target) / slope * width).clamp(lo + 0.05 * width, hi - 0.05 * width)
+        ratio = threshold_pass(model, images, guess.float(), mean, std, device)[0].mean(1)
+        ok = ratio <= target
+        hi, r_hi = torch.where(ok, guess, hi), torch.where(ok, ratio, r_hi)
+        lo, r_lo = torch.where(ok, lo, guess), torch.where(ok, r_lo, ratio)
+    taus = hi.float().cummin(0).values
     ratio, kept = threshold_pass(model, images, taus, mean, std, device)
     counts = [[0] * len(model.gated_totals())]
     for layer_kept, b in zip(kept, budgets, strict=True):

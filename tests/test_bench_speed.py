@@ -1,0 +1,38 @@
+"""bench/skip_speed.py on the shipped models and bench/train_step.py, run as a user runs them
+(tiny sizes: these check that the scripts work and report what they claim, not speed)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(script: str, *args: str) -> None:
+    subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], cwd=ROOT, check=True,
+                   capture_output=True, timeout=300)
+
+
+def test_skip_speed_compares_budgets_with_the_dense_baseline(tmp_path):
+    out = tmp_path / "skip.json"
+    run("skip_speed.py", "--models", "weights/acs_fastnet", "weights/fastnet", "--baseline",
+        "weights/fastnet", "--batch", "1", "--budgets", "1.0", "0.5", "--repeat", "2", "--warmup", "1",
+        "--json", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    gated = [r for r in rows if r["model"] == "weights/acs_fastnet"]
+    assert {r["budget"] for r in gated} >= {1.0, 0.5}
+    assert all(r["vs_baseline"] > 0 for r in rows)
+    half = next(r for r in gated if r["budget"] == 0.5)
+    assert half["mac_ratio"] <= 0.5 + 1e-6  # topk: never above the budget
+    assert next(r for r in rows if r["model"] == "weights/fastnet")["vs_baseline"] == 1.0
+
+
+def test_train_step_times_both_precisions(tmp_path):
+    out = tmp_path / "steps.json"
+    run("train_step.py", "--batch", "8", "--repeat", "1", "--json", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["model"] for r in rows] == ["fastnet", "acs_fastnet"]
+    assert all(r["fp32_s"] > 0 and r["bf16_s"] > 0 for r in rows)

@@ -1,0 +1,57 @@
+"""The shipped checkpoints in weights/: each loads (hash checked) and classifies the committed
+sample of CIFAR-10-JPEG test images (samples/cifar10-jpeg-test, 20 per class) as well as its
+manifest's accuracy table says, through the service's own preprocessing and the compact
+executor the server runs."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.checkpoint import load_checkpoint, read_manifest
+from models.registry import compact
+from service.imaging import preprocess
+
+ROOT = Path(__file__).resolve().parents[1]
+WEIGHTS = ROOT / "weights"
+SAMPLES = sorted((ROOT / "samples" / "cifar10-jpeg-test").glob("*.jpg"))
+SHIPPED = sorted(p.parent.name for p in WEIGHTS.glob("*/manifest.json"))
+DEFAULT_MODEL = "acs_fastnet"
+
+
+def test_the_default_model_and_its_dense_baseline_ship():
+    assert {DEFAULT_MODEL, "fastnet"} <= set(SHIPPED)
+    assert len(SAMPLES) == 200
+
+
+def sample_batch(manifest: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    classes = manifest["classes"]
+    labels = torch.tensor([classes.index(p.name.rsplit("_", 1)[0]) for p in SAMPLES])
+    return preprocess([p.read_bytes() for p in SAMPLES], manifest, 10**6), labels
+
+
+def expected_top1(manifest: dict, budget: float, policy: str = "threshold") -> float:
+    rows = [r for r in manifest["accuracy"] if r["policy"] == policy and abs(r["budget"] - budget) < 1e-6]
+    assert rows, f"{manifest['name']}: no accuracy row for {policy} at {budget}"
+    return rows[0]["top1"]
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_model_classifies_the_samples_as_its_manifest_says(name):
+    checkpoint = load_checkpoint(WEIGHTS / name)  # verifies the sha256 and every tensor
+    manifest = read_manifest(WEIGHTS / name)
+    assert manifest["provenance"]["evaluation"]["images"] == 10_000
+    x, labels = sample_batch(manifest)
+    executor = compact(checkpoint.model)
+    budgets = (1.0, 0.5, 0.25) if checkpoint.model.gated else (1.0,)
+    for budget in budgets:
+        p = expected_top1(manifest, budget)
+        logits, info = executor(x, budget=budget, return_info=True)
+        top1 = (logits.argmax(1) == labels).float().mean().item()
+        # 200 images: allow three standard errors of a binomial proportion below the test split's
+        assert top1 >= p - 3 * math.sqrt(p * (1 - p) / len(labels)), (name, budget, top1, p)
+        assert float(info.cost.ratio.mean()) <= budget + 0.05
+        with torch.no_grad():
+            reference = checkpoint.model(x, budget=budget)
+        assert (reference.argmax(1) == logits.argmax(1)).float().mean() >= 0.99
