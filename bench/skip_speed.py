@@ -20,6 +20,7 @@ import json
 import platform
 import statistics
 import time
+from pathlib import Path
 
 import torch
 from common import plot_by_batch
@@ -34,6 +35,9 @@ MODELS = {
     "densenet40": lambda: FACTORIES["densenet40"](),
     "g_resnext29": lambda: FACTORIES["g_resnext29"](gate="acs"),
 }
+
+
+SAMPLES = Path(__file__).resolve().parents[1] / "samples" / "cifar10-jpeg-test"
 
 
 def sync(device: torch.device) -> None:
@@ -62,16 +66,30 @@ class GateTimer:
 
 
 def load(name: str, device: torch.device):
+    """(model, manifest or None): a factory name, or a checkpoint folder."""
     if name in MODELS:
-        return MODELS[name]().to(device).eval()
-    return load_checkpoint(name, device).model  # a checkpoint folder
+        return MODELS[name]().to(device).eval(), None
+    checkpoint = load_checkpoint(name, device)
+    return checkpoint.model, checkpoint.manifest
+
+
+def inputs(args, manifest: dict | None, batch: int, count: int, device) -> list[torch.Tensor]:
+    """`count` batches: real images from --images preprocessed as the server does (the
+    threshold policy's cost depends on the image), cycling; random ones without them."""
+    if not args.images or manifest is None:
+        return [torch.randn(batch, 3, args.size, args.size, device=device)]
+    from service.imaging import preprocess
+
+    files = sorted(Path(args.images).glob("*.jpg"))
+    images = preprocess([f.read_bytes() for f in files], manifest, 10**8).to(device)
+    return [images[(i * batch + torch.arange(batch)) % len(images)] for i in range(count)]
 
 
 def measure(args) -> list[dict]:
     device = torch.device(args.device)
     rows = []
     for name in args.models:
-        model = load(name, device)
+        model, manifest = load(name, device)
         executor = compact(model)
         timer = GateTimer(executor, device)
         budgets = sorted({min(max(b, model.floor()), 1.0) for b in args.budgets}
@@ -79,14 +97,16 @@ def measure(args) -> list[dict]:
         if not model.gated:
             budgets = [1.0]
         for batch in args.batch:
-            x = torch.randn(batch, 3, args.size, args.size, device=device)
+            repeats = args.repeat if batch < 16 else max(3, args.repeat // 4)
+            xs = inputs(args, manifest, batch, repeats, device)
             configs = [("reference", 1.0)] + [("compact", b) for b in budgets]
             if batch > 1:
                 configs += [("per_sample", b) for b in budgets]
             times = {c: [] for c in configs}
             gate_times = {c: [] for c in configs}
 
-            def call(kind, b, model=model, executor=executor, x=x):
+            def call(kind, b, r=0, model=model, executor=executor, xs=xs):
+                x = xs[r % len(xs)]
                 if kind == "reference":
                     with torch.no_grad():
                         return model(x, budget=b, policy=args.policy)
@@ -95,25 +115,25 @@ def measure(args) -> list[dict]:
             for c in configs:
                 for _ in range(args.warmup):
                     call(*c)
-            repeats = args.repeat if batch < 16 else max(3, args.repeat // 4)
-            for _ in range(repeats):
+            for r in range(repeats):
                 for c in configs:
                     timer.total = 0.0
                     sync(device)
                     start = time.perf_counter()
-                    call(*c)
+                    call(*c, r)
                     sync(device)
                     times[c].append(time.perf_counter() - start)
                     gate_times[c].append(timer.total)
             ref_ms = statistics.median(times[configs[0]]) * 1e3
             full_ms = statistics.median(times[("compact", budgets[0])]) * 1e3
             for c in configs[1 : len(budgets) + 1]:
-                _, info = executor(x, budget=c[1], policy=args.policy, return_info=True)
+                ratios = [executor(x, budget=c[1], policy=args.policy, return_info=True)[1].cost.ratio
+                          for x in xs]
                 ms = statistics.median(times[c]) * 1e3
                 per_sample = times.get(("per_sample", c[1]))
                 rows.append({
                     "model": name, "device": str(device), "batch": batch, "policy": args.policy,
-                    "budget": round(c[1], 4), "mac_ratio": round(float(info.cost.ratio.mean()), 4),
+                    "budget": round(c[1], 4), "mac_ratio": round(float(torch.cat(ratios).mean()), 4),
                     "ms": round(ms, 3), "vs_budget_1": round(ms / full_ms, 3),
                     "vs_reference": round(ms / ref_ms, 3), "reference_ms": round(ref_ms, 3),
                     "gate_share": round(statistics.median(gate_times[c]) * 1e3 / ms, 3),
@@ -149,6 +169,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["weights/acs_fastnet", "weights/fastnet"],
                         help=f"names ({', '.join(MODELS)}) or checkpoint folders")
     parser.add_argument("--baseline", help="a model of --models to compare every latency with")
+    parser.add_argument("--images", default=str(SAMPLES),
+                        help="folder of .jpg images to time checkpoints on ('' for random inputs)")
     parser.add_argument("--budgets", nargs="+", type=float, default=[1.0, 0.75, 0.5, 0.25])
     parser.add_argument("--batch", nargs="+", type=int, default=[1, 32])
     parser.add_argument("--policy", default="topk", choices=["threshold", "topk", "cap"])

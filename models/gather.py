@@ -111,11 +111,11 @@ def conv3x3_gathered(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, 
     if rows is None:
         rows = torch.arange(weight.shape[0], device=x.device).expand(b, -1)
     k = rows.shape[1]
-    bias = bias.index_select(0, rows.view(-1)).view(b, k)
+    bias = bias.index_select(0, rows.reshape(-1)).view(b, k)
     if k == 0 or c == 0:
         return bias[:, :, None, None].expand(b, k, h, w).contiguous()
     if columns is None:
-        weight = weight.index_select(0, rows.view(-1))
+        weight = weight.index_select(0, rows.reshape(-1))
     else:
         chunks = rows[..., None] * (weight.shape[1] // block) + columns[:, None, :]
         weight = weight.view(-1, block * 9).index_select(0, chunks.view(-1))

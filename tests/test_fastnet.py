@@ -51,6 +51,19 @@ def test_compact_equals_masked_reference(config, policy):
         assert_compact_matches(model, executor, x[:1], budget if isinstance(budget, float) else 0.3, policy)
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+def test_compact_with_every_block_kept_after_a_partly_kept_layer(batch):
+    """A layer that keeps every output block still gathers the columns its input lacks."""
+    from models.budget import CalibrationTable
+    model = randomize_bn(acs_fastnet()).eval()
+    totals = model.gated_totals()
+    partial = [2, 4, 8, 16, 7, 16]  # layers 1 and 3 keep everything after partly kept layers
+    model.table = CalibrationTable([model.floor(), 0.5, 1.0], [1.0, 0.5, 0.0],
+                                   [[0] * len(totals), partial, totals], model.floor())
+    x = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    assert_compact_matches(model, compact(model), x, 0.5, "topk")
+
+
 def test_executed_macs_by_hand():
     """A skipped output block of one layer is also skipped as an input of the next."""
     model = tiny()  # whiten 24 ch; convs 24->16, 16->16, 16->32, 32->32, 32->32, 32->32; head 32->10

@@ -65,13 +65,13 @@ SWEEP_POINTS = 24
 
 
 def calibrate(model: GatedNetwork, images: torch.Tensor, mean, std, device="cpu", step: float = 0.05,
-              iterations: int = 3) -> CalibrationTable:
+              iterations: int = 5) -> CalibrationTable:
     """A monotone closed-loop table for the model from uint8 calibration images (the exact
     data-free table for a network whose cost does not depend on the input).
 
     tau(b) for every budget at once: a sweep of SWEEP_POINTS + 1 thresholds over [0, 1]
     brackets each budget's threshold, then `iterations` rounds of regula falsi (the secant
-    point within the bracket) narrow the brackets; each budget gets its bracket's upper end,
+    point within the bracket, Illinois variant) narrow the brackets; each budget gets its bracket's upper end,
     the lowest threshold measured to fit."""
     if not model.gated or not model.adaptive:
         return model.uniform_table()
@@ -84,15 +84,22 @@ def calibrate(model: GatedNetwork, images: torch.Tensor, mean, std, device="cpu"
     first = torch.where(fits.any(1), fits.int().argmax(1), len(sweep) - 1)
     hi, r_hi = sweep[first].double(), swept[first]
     below = (first - 1).clamp(min=0)
-    lo, r_lo = torch.where(first > 0, sweep[below].double(), hi), torch.where(first > 0, swept[below], r_hi)
+    lo = torch.where(first > 0, sweep[below].double(), hi)
+    r_lo = torch.where(first > 0, swept[below], r_hi)
+    f_lo, f_hi = r_lo - target, r_hi - target  # > 0 (too costly) and <= 0 (fits)
+    side = torch.zeros(len(budgets))  # which end the last round moved: 1 hi, -1 lo
     for _ in range(iterations):
         width = hi - lo
-        slope = (r_lo - r_hi).clamp(min=1e-12)
-        guess = (lo + (r_lo - target) / slope * width).clamp(lo + 0.05 * width, hi - 0.05 * width)
+        step_in = f_lo / (f_lo - f_hi).clamp(min=1e-12)
+        guess = (lo + step_in * width).clamp(lo + 0.01 * width, hi - 0.01 * width)
         ratio = threshold_pass(model, images, guess.float(), mean, std, device)[0].mean(1)
         ok = ratio <= target
-        hi, r_hi = torch.where(ok, guess, hi), torch.where(ok, ratio, r_hi)
-        lo, r_lo = torch.where(ok, lo, guess), torch.where(ok, r_lo, ratio)
+        # Illinois: an end kept twice in a row has its residual halved, so it moves next time
+        f_lo = torch.where(ok & (side == 1), f_lo / 2, f_lo)
+        f_hi = torch.where(~ok & (side == -1), f_hi / 2, f_hi)
+        hi, f_hi = torch.where(ok, guess, hi), torch.where(ok, ratio - target, f_hi)
+        lo, f_lo = torch.where(ok, lo, guess), torch.where(ok, f_lo, ratio - target)
+        side = torch.where(ok, 1.0, -1.0)
     taus = hi.float().cummin(0).values
     ratio, kept = threshold_pass(model, images, taus, mean, std, device)
     counts = [[0] * len(model.gated_totals())]

@@ -87,8 +87,8 @@ def run_arguments(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 def calibrate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--step", type=float, default=0.05, help="budget grid step (default 0.05)")
-    p.add_argument("--iterations", type=int, default=3,
-                   help="regula falsi rounds per threshold after a sweep of 25 (default 3)")
+    p.add_argument("--iterations", type=int, default=5,
+                   help="regula falsi rounds per threshold after a sweep of 25 (default 5)")
     p.add_argument("--bn-check", action="store_true",
                    help="measure whether BN statistics re-estimated per budget bucket would help")
 

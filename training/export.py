@@ -57,8 +57,10 @@ def export(run: str | Path, out: str | Path, name: str | None = None) -> Path:
     return out
 
 
-def schedule(train: dict) -> str:
+def schedule(train: dict, gated: bool) -> str:
     """The budget schedule of a run, in words."""
+    if not gated:
+        return "dense: one pass a step at budget 1.0"
     if train.get("budget_schedule") == "per-sample":
         start = f", started from `{train['init_from']}`" if train.get("init_from") else ""
         teacher = f", distilled from `{train['teacher']}`" if train.get("teacher") else ""
@@ -66,6 +68,12 @@ def schedule(train: dict) -> str:
                 f"uniform from {train.get('min_budget') or 'the floor'}){start}{teacher}"
                 f"{', BN statistics frozen' if train.get('freeze_bn') else ''}")
     return f"budgets per step: full, floor, {train['random_budgets']} random"
+
+
+def calibration(model) -> str:
+    if not model.gated:
+        return "none needed (a dense network runs at budget 1.0)"
+    return f"{model.table.source} on {model.table.extra.get('images')} calibration images"
 
 
 def wall_time(config: dict) -> str:
@@ -91,11 +99,12 @@ def model_card(name: str, config: dict, progress: dict, model, result: dict | No
         f"| input | {data['image_size']}x{data['image_size']}, mean {data['mean']}, std {data['std']} |",
         f"| dense MACs | {dense / 1e6:.1f} M; floor (every gated channel skipped) {model.floor():.3f} |",
         f"| training | recipe `{train.get('recipe', 'default')}`: {progress['epoch']} epochs, "
-        f"{progress['step']} steps, batch {train['batch_size']}, lr {train['lr']}, {schedule(train)}; "
+        f"{progress['step']} steps, batch {train['batch_size']}, lr {train['lr']}, "
+        f"{schedule(train, model.gated)}; "
         f"cost weight {train['cost_weight']}, DGConv weight {train['dg_weight']}, seed {train['seed']} |",
         f"| wall time | {wall_time(config)} |",
         f"| last epoch | {json.dumps(last)} |",
-        f"| calibration | {model.table.source} on {model.table.extra.get('images')} calibration images |",
+        f"| calibration | {calibration(model)} |",
     ]
     if train.get("limit"):
         lines.append(f"| **subset** | every split capped at {train['limit']} images: a smoke run |")
