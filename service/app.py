@@ -6,11 +6,13 @@ import asyncio
 import logging
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 
@@ -28,6 +30,8 @@ from .middleware import ServingMiddleware
 from .registry import ModelRegistry, ServedModel, checkpoint_dirs, pick_device
 from .routes_v1 import router as v1_router
 from .routes_v2 import router as v2_router
+
+STATIC = Path(__file__).parent / "static"
 
 log = logging.getLogger("acs_serve")
 
@@ -108,6 +112,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(Exception, internal_error_handler)
     app.include_router(v1_router)
     app.include_router(v2_router)
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        """The try-it page: pick a model, an image and a budget (static files, no build)."""
+        return FileResponse(STATIC / "index.html")
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict:

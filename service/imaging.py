@@ -7,7 +7,7 @@ import warnings
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 from starlette.concurrency import run_in_threadpool
 
 from .errors import ApiError
@@ -38,6 +38,9 @@ def decode(data: bytes, max_pixels: int) -> Image.Image:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ApiError(413, f"image too large: {e}", "too_many_pixels") from None
+    except UnidentifiedImageError:
+        raise ApiError(400, f"could not decode image: not an image in any of {sorted(FORMATS)}",
+                       "bad_image") from None
     except Exception as e:  # Pillow raises many types for corrupt data
         raise ApiError(400, f"could not decode image: {e}", "bad_image") from None
     if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
