@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .compact import CompactExecutor, State, Step
+from .compact_densenet import bn_affine
 from .fastnet import FastNet, conv_weight
 from .gather import block_channels, conv2d, conv3x3_gathered, linear_gathered, max_pool2x2
 
@@ -34,11 +35,10 @@ class CompactFastNet(CompactExecutor):
         with torch.no_grad():
             self.folded = []
             for conv, norm in zip(model.convs, model.norms, strict=True):
-                scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+                scale, shift = bn_affine(norm)
                 if (scale <= 0).any():
                     raise ValueError("a FastNet BN scale must be positive to commute with max pooling")
                 weight = conv_weight(conv) * scale[:, None, None, None]
-                shift = norm.bias - norm.running_mean * scale
                 self.folded.append((weight.contiguous(), shift.contiguous()))
         whiten = model.whiten.weight.detach(), model.whiten.bias.detach()
         steps = [Step(lambda state, keep: {"h": F.gelu(conv2d(state["x"], *whiten, padding=0)),

@@ -167,7 +167,7 @@ class FastNet(GatedNetwork):
         kept = kept_counts(masks, batch, device)
         channels = kept * cfg.block if masks else None
         whiten = self.whiten.out_channels
-        dense = (height - 1) * (width - 1) * whiten * 3 * WHITEN_KERNEL**2
+        dense = (height - WHITEN_KERNEL + 1) * (width - WHITEN_KERNEL + 1) * whiten * 3 * WHITEN_KERNEL**2
         executed = torch.full((batch,), dense, dtype=torch.long, device=device)
         gates = torch.zeros_like(executed)
         cin_dense, cin = whiten, torch.full_like(executed, whiten)

@@ -74,6 +74,8 @@ def conv_rows_gathered(x: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor
     return out.reshape(b, k, out.shape[-2], out.shape[-1])
 
 
+MKLDNN_DTYPES = (torch.float32, torch.bfloat16)
+
 
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: int = 1,
            groups: int = 1) -> torch.Tensor:
@@ -83,9 +85,6 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pad
         return torch.mkldnn_convolution(x.contiguous(), weight.contiguous(), bias, (padding, padding),
                                         (1, 1), (1, 1), groups)
     return F.conv2d(x, weight, bias, padding=padding, groups=groups)
-
-
-MKLDNN_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def block_channels(blocks: torch.Tensor, block: int) -> torch.Tensor:

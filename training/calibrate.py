@@ -71,8 +71,8 @@ def calibrate(model: GatedNetwork, images: torch.Tensor, mean, std, device="cpu"
 
     tau(b) for every budget at once: a sweep of SWEEP_POINTS + 1 thresholds over [0, 1]
     brackets each budget's threshold, then `iterations` rounds of regula falsi (the secant
-    point within the bracket, Illinois variant) narrow the brackets; each budget gets its bracket's upper end,
-    the lowest threshold measured to fit."""
+    point within the bracket, Illinois variant) narrow the brackets; each budget gets its
+    bracket's upper end, the lowest threshold measured to fit."""
     if not model.gated or not model.adaptive:
         return model.uniform_table()
     floor = model.floor()

@@ -7,8 +7,9 @@ Two budget schedules (`budget_schedule`):
   last pass); the lower budgets are distilled from the full pass.
 - `per-sample`: one pass a step, every image with its own budget (`full_fraction` of them
   at 1.0, the rest uniform in [min_budget or the floor, 1]), distilled from a trained
-  `teacher` run when there is one. With `init_from` (a trained dense run) and `freeze_bn`,
-  this fine-tunes a dense network's weights and trains its gates in a few epochs.
+  `teacher` run when there is one. With `init_from` (a trained dense run) this fine-tunes a
+  dense network's weights and trains its gates in a few epochs (`freeze_bn` keeps the
+  running BN statistics instead; with the fast recipe's learning rates that diverged).
 
 The optimizer, schedule, weight averaging and augmentation come from the recipe
 (`recipe.py`). The model and batches are channels_last; bfloat16 autocast runs where the
