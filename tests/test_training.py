@@ -248,6 +248,31 @@ def test_resume_continues_at_the_right_epoch_with_identical_state(folders, tmp_p
         train(cfg)  # never overwrites a run
 
 
+def test_resume_within_an_epoch_matches_an_uninterrupted_run(folders, tmp_path, monkeypatch):
+    settings = dict(epochs=2, budget_schedule="per-sample", lookahead=True, flip="alternate")
+    straight = train(tiny_config(folders, tmp_path / "straight", **settings))
+    save, calls = training.train.save_state, []
+
+    def interrupted(run, model, optimizer, progress, extra=None):
+        save(run, model, optimizer, progress, extra)
+        calls.append(progress)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(training.train, "save_state", interrupted)
+    cfg = tiny_config(folders, tmp_path / "resumed", checkpoint_minutes=0, **settings)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    progress = read_progress(tmp_path / "resumed")
+    assert (progress["epoch"], progress["step"], progress["batch"]) == (0, 2, 2)  # 3 batches an epoch
+    monkeypatch.setattr(training.train, "save_state", save)
+    resumed = train(cfg, resume=True)
+    progress = read_progress(tmp_path / "resumed")
+    assert (progress["epoch"], progress["step"], "batch" in progress) == (2, 6, False)
+    a, b = straight.state_dict(), resumed.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_dense_baseline_trains_with_the_same_code(folders, tmp_path):
     cfg = tiny_config(folders, tmp_path / "dense", epochs=1, model_config={**TINY, "gate": None})
     model = train(cfg)

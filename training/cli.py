@@ -78,6 +78,8 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
            "a budget per image")
     a("--full-fraction", type=float, help="per-sample schedule: share of images at budget 1.0 (0.25)")
     a("--freeze-bn", action="store_true", help="normalize with the running BN statistics, never update them")
+    a("--checkpoint-minutes", type=float,
+      help="also checkpoint within an epoch this often (default 10; one process only)")
 
 
 def run_arguments(p: argparse.ArgumentParser, required: bool = True) -> None:

@@ -13,7 +13,7 @@ from models.registry import FACTORIES, build_model
 from .data import Dataset, holdout_split, load_dataset, subset
 from .state import read_config
 
-RESUMABLE = ("epochs", "device", "precision", "compile", "workers")
+RESUMABLE = ("epochs", "device", "precision", "compile", "workers", "checkpoint_minutes")
 
 
 @dataclass
@@ -59,6 +59,7 @@ class TrainConfig:
     budget_schedule: str = "sandwich"
     full_fraction: float = 0.25
     freeze_bn: bool = False
+    checkpoint_minutes: float = 10.0
 
     def __post_init__(self) -> None:
         choices = {"precision": ("auto", "bf16", "fp32"), "schedule": ("cosine", "triangle"),

@@ -1,8 +1,9 @@
 """A run directory: its config, its resumable checkpoint and its calibration.
 
 runs/<name>/config.json              the training config (TrainConfig), written at the start
-runs/<name>/checkpoint.safetensors   model and optimizer tensors, written after every epoch;
-                                     its metadata holds the epoch, step, history and the
+runs/<name>/checkpoint.safetensors   model and optimizer tensors, written after every epoch
+                                     and every few minutes within one; its metadata holds the
+                                     epoch, step, position in the epoch, history and the
                                      optimizer's scalars (one file, replaced atomically)
 runs/<name>/calibration.json         the calibration table (`calibrate`)
 runs/<name>/bn_stats.safetensors     BN statistics re-estimated by `calibrate` (slimmable)
@@ -28,6 +29,7 @@ CHECKPOINT = "checkpoint.safetensors"
 CALIBRATION = "calibration.json"
 BN_STATS = "bn_stats.safetensors"
 LOOKAHEAD = "lookahead"
+RNG = "rng"  # the random generators' states of a checkpoint written within an epoch
 
 
 def write_json(path: Path, data) -> None:

@@ -15,8 +15,10 @@ The optimizer, schedule, weight averaging and augmentation come from the recipe
 (`recipe.py`). The model and batches are channels_last; bfloat16 autocast runs where the
 hardware has it (`precision`). The gradient norm is clipped (`grad_clip`; without it, the
 post-activation ResNets of channel gating diverged in the first steps at lr 0.1). A
-checkpoint is written after every epoch; randomness is seeded per (seed, epoch, rank), so a
-resumed run continues exactly where the interrupted one stopped.
+checkpoint is written after every epoch and, in a single process, every `checkpoint_minutes`
+within one (with the position in the epoch and its random generators' states); randomness is
+seeded per (seed, epoch, rank), so a resumed run continues exactly where the interrupted one
+stopped.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ from .state import (
     CHECKPOINT,
     CONFIG,
     LOOKAHEAD,
+    RNG,
     init_weights,
     load_state,
     load_trained,
@@ -151,6 +154,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> GatedNetwork:
     progress = {"epoch": 0, "step": 0, "history": []}
     if resume:
         progress = load_state(run, model, optimizer)
+    generators = read_tensors(run, RNG) if progress.get("batch") else {}
     lookahead = Lookahead(model, read_tensors(run, LOOKAHEAD) if resume else None) if cfg.lookahead else None
     teacher = load_trained(Path(cfg.teacher)).to(device, memory_format=torch.channels_last) \
         if cfg.teacher else None
@@ -170,6 +174,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> GatedNetwork:
         raise ValueError("the gates learn from the random budgets: --random-budgets must be >= 1")
     floor = model.floor()
     model.table = training_table(model)
+    saved = time.time()
 
     for epoch in range(progress["epoch"], cfg.epochs):
         model.train()
@@ -181,11 +186,16 @@ def train(cfg: TrainConfig, resume: bool = False) -> GatedNetwork:
         if cfg.flip == "alternate":
             flips = alternating_flips(len(labels), cfg.seed, epoch).to(device)
         batches = epoch_order(len(labels), cfg.batch_size, cfg.seed, epoch, ranks.rank, ranks.world)
-        meter = {}
-        started = time.time()
+        done, meter = progress.pop("batch", 0), progress.pop("meter", {})
+        started = time.time() - progress.pop("seconds", 0.0)
+        if done:  # resuming within the epoch
+            budget_rng.set_state(generators["budget"])
+            augment_rng.set_state(generators["augment"])
         bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not ranks.main,
-                   dynamic_ncols=True, mininterval=1.0)
+                   dynamic_ncols=True, mininterval=1.0, initial=done)
         for n, index in enumerate(bar, 1):
+            if n <= done:
+                continue
             index = index.to(device)
             x = augment(images[index], augment_rng, cfg.translate, None if flips is None else flips[index],
                         cfg.reflect)
@@ -212,6 +222,13 @@ def train(cfg: TrainConfig, resume: bool = False) -> GatedNetwork:
                 meter = {k: float(v) for k, v in meter.items()}
                 bar.set_postfix(loss=f"{meter['loss'] / n:.3f}", acc=f"{meter['acc'] / n:.3f}",
                                 mac=f"{meter['ratio'] / n:.3f}/{meter['target'] / n:.3f}", refresh=False)
+            if ranks.world == 1 and n < len(batches) and time.time() - saved > 60 * cfg.checkpoint_minutes:
+                position = {"batch": n, "meter": {k: float(v) for k, v in meter.items()},
+                            "seconds": time.time() - started}
+                save_state(run, model, optimizer, {**progress, **position}, {
+                    RNG: {"budget": budget_rng.get_state(), "augment": augment_rng.get_state()},
+                    **({LOOKAHEAD: lookahead.slow} if lookahead else {})})
+                saved = time.time()
         bar.close()
         ranks.average_buffers(model)
         progress["epoch"] = epoch + 1
@@ -225,6 +242,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> GatedNetwork:
             progress["history"].append(entry)
             print(" ".join(f"{k} {v}" for k, v in entry.items()), flush=True)
             save_state(run, model, optimizer, progress, {LOOKAHEAD: lookahead.slow} if lookahead else {})
+            saved = time.time()
         ranks.barrier()
     ranks.stop()
     return model
