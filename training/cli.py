@@ -70,6 +70,7 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
     a("--schedule", choices=("cosine", "triangle"))
     a("--label-smoothing", type=float)
     a("--translate", type=int, help="random translation in pixels (default 4)")
+    a("--lookahead", action="store_true", help="lookahead weight averaging (on in the fast recipe)")
     a("--flip", choices=("random", "alternate"))
     a("--init-from", help="start from a trained run's weights (a gated network from its dense baseline)")
     a("--teacher", help="a trained run to distill from (per-sample budget schedule)")
