@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .base import GatedNetwork
@@ -25,12 +26,17 @@ MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
+READABLE = 0o644  # checkpoint files: readable by the (non-root) serving user
 REQUIRED = ("format_version", "name", "architecture", "config", "classes", "input",
             "calibration", "weights")
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded, with the reason."""
+    """A checkpoint that cannot be loaded: the file or folder, and the reason."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = Path(path), reason
 
 
 @dataclass
@@ -55,17 +61,22 @@ def sha256_file(path: Path) -> str:
 def save_checkpoint(model: GatedNetwork, directory: str | Path, *, name: str,
                     classes: list[str], mean=CIFAR_MEAN, std=CIFAR_STD,
                     accuracy: list[dict] | None = None, provenance: dict | None = None,
-                    default_budget: float = 1.0, default_policy: str = "threshold") -> Path:
-    """Write model.safetensors and manifest.json into `directory`; returns the directory."""
+                    default_budget: float = 1.0, default_policy: str = "threshold",
+                    serve_default: bool = False) -> Path:
+    """Write model.safetensors and manifest.json into `directory`; returns the directory.
+    `serve_default` marks the model the one a server answers /v1/predict with."""
     architecture, config = describe(model)
     if len(classes) != config["num_classes"]:
         raise ValueError(f"{len(classes)} class names for a {config['num_classes']}-class model")
     if default_policy not in POLICIES:
         raise ValueError(f"unknown default policy {default_policy!r}")
+    if not 0.0 <= default_budget <= 1.0:
+        raise ValueError(f"default budget {default_budget} is not in [0, 1]")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, directory / WEIGHTS, metadata={"format": "acs-serve"})
+    (directory / WEIGHTS).chmod(READABLE)  # safetensors writes 0600: a serving user must read it
     manifest = {
         "format_version": FORMAT_VERSION,
         "name": name,
@@ -76,10 +87,12 @@ def save_checkpoint(model: GatedNetwork, directory: str | Path, *, name: str,
         "calibration": model.table.to_dict(),
         "accuracy": accuracy or [],
         "default": {"budget": default_budget, "policy": default_policy},
+        **({"serve_default": True} if serve_default else {}),
         "provenance": provenance or {},
         "weights": {"file": WEIGHTS, "sha256": sha256_file(directory / WEIGHTS)},
     }
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    (directory / MANIFEST).chmod(READABLE)
     return directory
 
 
@@ -89,15 +102,24 @@ def read_manifest(directory: str | Path) -> dict:
     try:
         manifest = json.loads(path.read_text())
     except FileNotFoundError:
-        raise CheckpointError(f"{path}: no manifest") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+        raise CheckpointError(path, "no manifest") from None
+    except OSError as e:
+        raise CheckpointError(path, f"cannot read the manifest: {e.strerror}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(path, f"not valid JSON ({e})") from None
+    if not isinstance(manifest, dict):
+        raise CheckpointError(path, "the manifest is not a JSON object")
     missing = [k for k in REQUIRED if k not in manifest]
     if missing:
-        raise CheckpointError(f"{path}: missing fields {missing}")
+        raise CheckpointError(path, f"missing fields {missing}")
     if manifest["format_version"] != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: format_version {manifest['format_version']} "
-                              f"is not {FORMAT_VERSION}")
+        raise CheckpointError(path, f"format_version {manifest['format_version']} is not {FORMAT_VERSION}")
+    weights = manifest["weights"]
+    if not (isinstance(weights, dict) and isinstance(weights.get("file"), str)
+            and isinstance(weights.get("sha256"), str) and Path(weights["file"]).name == weights["file"]):
+        raise CheckpointError(path, 'weights must be {"file": "<a file in this folder>", "sha256": "..."}')
+    if not isinstance(manifest["classes"], list) or not isinstance(manifest["config"], dict):
+        raise CheckpointError(path, "classes must be a list and config an object")
     return manifest
 
 
@@ -107,22 +129,28 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
     manifest = read_manifest(directory)
     weights = directory / manifest["weights"]["file"]
     if not weights.is_file():
-        raise CheckpointError(f"{weights}: weights file missing")
-    actual = sha256_file(weights)
+        raise CheckpointError(weights, "weights file missing")
+    try:
+        actual = sha256_file(weights)
+    except OSError as e:
+        raise CheckpointError(weights, f"cannot read the weights: {e.strerror}") from None
     if actual != manifest["weights"]["sha256"]:
-        raise CheckpointError(f"{weights}: sha256 {actual} does not match the manifest's "
+        raise CheckpointError(weights, f"sha256 {actual} does not match the manifest's "
                               f"{manifest['weights']['sha256']} (file changed or corrupt)")
     try:
         model = build_model(manifest["architecture"], manifest["config"])
     except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{directory}: bad architecture or config: {e}") from None
+        raise CheckpointError(directory, f"bad architecture or config: {e}") from None
     if len(manifest["classes"]) != model.config.num_classes:
-        raise CheckpointError(f"{directory}: {len(manifest['classes'])} classes listed for a "
+        raise CheckpointError(directory, f"{len(manifest['classes'])} classes listed for a "
                               f"{model.config.num_classes}-class model")
     try:
-        model.load_state_dict(load_file(weights), strict=True)
+        tensors = load_file(weights)
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(weights, f"not a readable safetensors file: {e}") from None
+    try:
+        model.load_state_dict(tensors, strict=True)
         model.table = CalibrationTable.from_dict(manifest["calibration"])
-    except (RuntimeError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{directory}: weights or calibration do not fit the config: "
-                              f"{e}") from None
+    except (RuntimeError, TypeError, ValueError, KeyError) as e:
+        raise CheckpointError(directory, f"weights or calibration do not fit the config: {e}") from None
     return Checkpoint(model.to(device).eval(), manifest, directory)

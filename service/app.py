@@ -27,7 +27,7 @@ from .errors import (
 )
 from .metrics import Metrics
 from .middleware import ServingMiddleware
-from .registry import ModelRegistry, ServedModel, checkpoint_dirs, pick_device
+from .registry import ModelRegistry, ServedModel, checkpoint_dirs, missing_weights, pick_device
 from .routes_v1 import router as v1_router
 from .routes_v2 import router as v2_router
 
@@ -49,7 +49,10 @@ class ServerState:
 
     @property
     def ready(self) -> bool:
-        return self.loaded and not self.draining and bool(self.registry.models)
+        """Loaded, not draining, serving a model, and (strict_readiness) none failed to load."""
+        registry = self.registry
+        failed = bool(registry.errors) and self.settings.strict_readiness
+        return self.loaded and not self.draining and bool(registry.models) and not failed
 
     def model(self, name: str | None) -> ServedModel:
         """A ready model by name (None: the default model), or a 404/503 ApiError."""
@@ -58,6 +61,8 @@ class ServerState:
         if served is None:
             if not self.loaded:
                 raise ApiError(503, "models are still loading", "loading", {"Retry-After": "1"})
+            if name is None:
+                raise ApiError(503, "no model is loaded; GET /readyz says why", "no_model")
             raise ApiError(404, f"no model named {name!r}; see GET /v1/models", "unknown_model")
         if not served.ready:
             raise ApiError(503, f"model {name!r} is warming up", "loading", {"Retry-After": "1"})
@@ -68,13 +73,20 @@ async def load_models(state: ServerState) -> None:
     """Load and warm up every checkpoint, one by one, off the event loop."""
     registry = state.registry
     loop = asyncio.get_running_loop()
+    missing = missing_weights(state.settings.weights_dir)
+    if missing:
+        log.error("%s: %s", missing, Path(state.settings.weights_dir).resolve())
+        registry.fail("weights_dir", missing)
     for path in checkpoint_dirs(state.settings.weights_dir):
         served = await loop.run_in_executor(None, registry.load, path)
         if served is None:
             continue
         registry.models[served.name] = served
         served.batcher.start()
-        await loop.run_in_executor(served.batcher.pool, registry.warm_up, served)
+        if not await loop.run_in_executor(served.batcher.pool, registry.warm_up, served):
+            registry.discard(served)
+            await served.batcher.stop()
+            continue
         served.ready = True
         state.metrics.model_ready.labels(served.name).set(1)
         log.info("serving %s on %s (load %.2fs, warm-up %.2fs)", served.name, registry.device,
@@ -127,7 +139,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/readyz", tags=["health"])
     async def readyz():
-        """Readiness: every model loaded and warmed up, and not shutting down."""
+        """Readiness: not shutting down, and every model in the weights folder loaded and warmed
+        up (`strict_readiness` false: at least one); `errors` says why a folder is not served."""
         body = {"ready": state.ready, "loaded": state.loaded, "draining": state.draining,
                 "models": {n: m.ready for n, m in state.registry.models.items()},
                 "errors": state.registry.errors}

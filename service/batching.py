@@ -8,15 +8,19 @@ different policies run as separate sub-batches.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from .errors import ApiError
 from .metrics import Metrics
+
+log = logging.getLogger("acs_serve")
 
 
 @dataclass
@@ -117,13 +121,21 @@ class Batcher:
                 try:
                     results = await loop.run_in_executor(self.pool, self._run, jobs, policy)
                 except Exception as e:  # a bug must fail these requests, not the server
-                    for job in jobs:
-                        if not job.future.done():
-                            job.future.set_exception(e)
+                    self._fail(jobs, e)
                     continue
                 for job, result in zip(jobs, results, strict=True):
                     if not job.future.done():
                         job.future.set_result(result)
+
+    def _fail(self, jobs: list[Job], error: Exception) -> None:
+        """The model call raised: log the traceback once, answer each request with a 500."""
+        log.error("model %s failed on a batch of %d requests", self.name, len(jobs), exc_info=error)
+        self.metrics.inference_failures.labels(self.name).inc(len(jobs))
+        for job in jobs:
+            if not job.future.done():
+                job.future.set_exception(ApiError(
+                    500, f"model {self.name!r} failed on this batch: {type(error).__name__}; "
+                    "the server logged the traceback", "inference_error"))
 
     def _run(self, jobs: list[Job], policy: str) -> list[JobResult]:
         """Run one batch (on the inference thread) and split the results per job."""
@@ -134,7 +146,8 @@ class Batcher:
         logits, info = self.executor(x, budget=budgets, policy=policy, return_info=True)
         probabilities = torch.softmax(logits.float(), 1).cpu()
         cost = info.cost.rows(slice(None))
-        effective = info.plan.effective.cpu().tolist()
+        # the shortest decimal of each float32 (0.3, not 0.30000001192092896)
+        effective = [float(np.format_float_positional(b)) for b in info.plan.effective.cpu().numpy()]
         elapsed = time.monotonic() - start
         n = x.shape[0]
         self.seconds_per_image = 0.8 * self.seconds_per_image + 0.2 * elapsed / n

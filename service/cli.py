@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
 import threading
 
 import uvicorn
@@ -17,11 +19,18 @@ class DrainingServer(uvicorn.Server):
     """Marks the app as draining (readiness fails) as soon as a stop signal arrives, keeps
     accepting for `drain_delay` seconds (connections already queued in the listen backlog
     would otherwise be reset), then lets uvicorn stop accepting and wait for the requests in
-    flight. A second signal stops at once."""
+    flight. A second signal stops at once. A drained SIGTERM is a clean stop: exit status 0
+    (uvicorn would re-raise the signal after shutdown)."""
 
     def __init__(self, config: uvicorn.Config, state, drain_delay: float) -> None:
         super().__init__(config)
         self.serving_state, self.drain_delay = state, drain_delay
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        with super().capture_signals():
+            yield
+            self._captured_signals = [s for s in self._captured_signals if s != signal.SIGTERM]
 
     def handle_exit(self, sig, frame) -> None:
         first = not self.serving_state.draining

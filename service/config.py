@@ -26,6 +26,7 @@ class Settings:
     reject_status: int = 503  # full queue: 503 (with Retry-After) or 429
     api_key: str = ""  # empty: no authentication
     warmup: bool = True
+    strict_readiness: bool = True  # ready only when every checkpoint folder loaded
     drain_delay_s: float = 1.0  # after SIGTERM, keep accepting (readiness 503) this long
     graceful_timeout_s: float = 60.0  # after SIGTERM, longest wait for requests in flight
     log_level: str = "info"
@@ -55,6 +56,7 @@ HELP = {
     "reject_status": "status for a full queue: 503 or 429",
     "api_key": "require this key (Authorization: Bearer or X-API-Key) on /v1 and /v2/models",
     "warmup": "run each batch-size bucket once before reporting ready",
+    "strict_readiness": "ready only when every model folder loaded (false: when one did)",
     "drain_delay_s": "after SIGTERM, keep accepting connections (readiness 503) this long",
     "graceful_timeout_s": "after SIGTERM, longest wait for the requests in flight",
     "log_level": "uvicorn log level",

@@ -37,6 +37,8 @@ class Metrics:
                                            m, buckets=LATENCY, registry=r)
         self.batch_size = Histogram("acs_batch_size", "images per batch", m, buckets=BATCH,
                                     registry=r)
+        self.inference_failures = Counter("acs_inference_failures",
+                                          "requests whose batch's model call raised", m, registry=r)
         self.queue_depth = Gauge("acs_queue_depth", "images waiting", m, registry=r)
         self.rejections = Counter("acs_rejections", "requests refused", ("model", "reason"),
                                   registry=r)
@@ -56,6 +58,8 @@ class Metrics:
         self.layer_channels = Counter("acs_layer_channels", "gated channels seen",
                                       ("model", "layer"), registry=r)
         self.model_ready = Gauge("acs_model_ready", "1 when the model serves", m, registry=r)
+        self.load_failed = Gauge("acs_model_load_failed", "1 when a weights folder failed to load "
+                                 "(model = the folder's name; reasons in /readyz)", m, registry=r)
         self.load_seconds = Gauge("acs_model_load_seconds", "time to load the model", m,
                                   registry=r)
         self.warmup_seconds = Gauge("acs_model_warmup_seconds", "time to warm the model up", m,

@@ -1,4 +1,9 @@
-"""One pure-ASGI middleware: request ids, body limit, API key, HTTP metrics."""
+"""One pure-ASGI middleware: request ids, body limit, API key, HTTP metrics.
+
+A refused body is still read (and dropped, up to DRAIN_BYTES) before the answer goes out:
+clients that send the whole body before reading (Python's urllib, requests) would otherwise
+get a connection reset instead of the 413.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ import uuid
 from .errors import ApiError
 
 _REQUEST_ID = re.compile(r"^[\w\-.:]{1,128}$")
+DRAIN_BYTES = 64 * 1024 * 1024  # most of an unread body read before answering; past it: close
 PROTECTED = ("/v1/", "/v2/models")
 
 
@@ -28,13 +34,15 @@ class ServingMiddleware:
         request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
         scope.setdefault("state", {}).update(request_id=request_id, start=start)
         status = {"code": 500}
+        body = _Body(receive, settings.max_body_bytes, headers)
 
         async def send_with_id(message) -> None:
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
-                message.setdefault("headers", [])
-                message["headers"] = [*message["headers"],
-                                      (b"x-request-id", request_id.encode())]
+                extra = [(b"x-request-id", request_id.encode())]
+                if not await body.drain():
+                    extra.append((b"connection", b"close"))
+                message["headers"] = [*message.get("headers", []), *extra]
             await send(message)
 
         metrics.in_flight.inc()
@@ -44,7 +52,7 @@ class ServingMiddleware:
                 scope["state"]["reject_reason"] = refusal.reason
                 await _send_error(send_with_id, refusal)
             else:
-                await self.app(scope, _limited(receive, settings.max_body_bytes), send_with_id)
+                await self.app(scope, body, send_with_id)
         finally:
             metrics.in_flight.dec()
             route = scope.get("route")
@@ -59,10 +67,6 @@ class ServingMiddleware:
 
     def _refusal(self, scope, headers) -> ApiError | None:
         settings = self.state.settings
-        length = headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > settings.max_body_bytes:
-            return ApiError(413, f"request body is {length} bytes; the limit is "
-                            f"{settings.max_body_bytes}", "body_too_large")
         if settings.api_key and scope["path"].startswith(PROTECTED):
             auth = headers.get("authorization", "")
             key = auth[7:] if auth.lower().startswith("bearer ") else headers.get("x-api-key", "")
@@ -72,20 +76,48 @@ class ServingMiddleware:
         return None
 
 
-def _limited(receive, limit: int):
-    """A receive that raises 413 once a (chunked) body passes the limit."""
-    seen = 0
+class _Body:
+    """The request's receive: refuses a body over the limit with 413 (by its Content-Length
+    before reading, else once the chunks pass it) and can drain what the app left unread."""
 
-    async def wrapped():
-        nonlocal seen
-        message = await receive()
-        if message["type"] == "http.request":
-            seen += len(message.get("body", b""))
-            if seen > limit:
-                raise ApiError(413, f"request body passes the limit of {limit} bytes",
-                               "body_too_large")
+    def __init__(self, receive, limit: int, headers: dict[str, str]) -> None:
+        self.receive, self.limit = receive, limit
+        length = headers.get("content-length", "")
+        self.declared = int(length) if length.isdigit() else None
+        # a client waiting for "100 Continue" sends nothing unless asked: no need to drain
+        self.waits = headers.get("expect", "").lower() == "100-continue"
+        self.seen, self.started, self.done = 0, False, False
+
+    async def __call__(self):
+        if self.declared is not None and self.declared > self.limit:
+            raise ApiError(413, f"request body is {self.declared} bytes; the limit is {self.limit}",
+                           "body_too_large")
+        message = await self._next()
+        if self.seen > self.limit:
+            raise ApiError(413, f"request body passes the limit of {self.limit} bytes",
+                           "body_too_large")
         return message
-    return wrapped
+
+    async def _next(self):
+        message = await self.receive()
+        self.started = True
+        if message["type"] == "http.request":
+            self.seen += len(message.get("body", b""))
+            self.done = not message.get("more_body", False)
+        else:
+            self.done = True
+        return message
+
+    async def drain(self) -> bool:
+        """Read and drop the unread body; False if it is too large to (the connection closes)."""
+        if self.done or (self.waits and not self.started):
+            return True
+        if self.declared is not None and self.declared - self.seen > DRAIN_BYTES:
+            return False
+        start = self.seen
+        while not self.done and self.seen - start <= DRAIN_BYTES:
+            await self._next()
+        return self.done
 
 
 async def _send_error(send, error: ApiError) -> None:

@@ -64,11 +64,21 @@ def pick_device(setting: str) -> torch.device:
 
 
 def checkpoint_dirs(weights_dir: str | Path) -> list[Path]:
-    """Sub-folders holding a manifest, by name."""
+    """Sub-folders holding a manifest, by name (none if the folder is missing)."""
     root = Path(weights_dir)
     if not root.is_dir():
         return []
     return sorted(p.parent for p in root.glob(f"*/{MANIFEST}"))
+
+
+def missing_weights(weights_dir: str | Path) -> str | None:
+    """Why a weights folder has nothing to serve, or None."""
+    root = Path(weights_dir)
+    if not root.is_dir():
+        return "the weights folder (--weights-dir, ACS_WEIGHTS_DIR) does not exist"
+    if not checkpoint_dirs(root):
+        return f"the weights folder holds no checkpoint (no <model>/{MANIFEST})"
+    return None
 
 
 @dataclass
@@ -79,16 +89,30 @@ class ModelRegistry:
     models: dict[str, ServedModel] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
 
+    def fail(self, folder: str, reason: str) -> None:
+        """Record why a checkpoint folder is not served (readiness, /v1/models, a metric)."""
+        self.errors[folder] = reason
+        self.metrics.load_failed.labels(folder).set(1)
+
     def load(self, path: Path) -> ServedModel | None:
-        """Load one checkpoint (blocking; run it off the event loop). Errors are recorded."""
+        """Load one checkpoint (blocking; run it off the event loop). Any failure is logged
+        with its cause and recorded under the folder's name; the other models are unaffected."""
         start = time.monotonic()
         try:
             checkpoint = load_checkpoint(path, self.device)
         except CheckpointError as e:
             log.error("not serving %s: %s", path, e)
-            self.errors[path.name] = str(e)
+            self.fail(path.name, f"{e.path.relative_to(path.parent)}: {e.reason}")
+            return None
+        except Exception as e:  # anything else (a bug, an odd file) must not stop the others
+            log.exception("not serving %s: loading failed", path)
+            self.fail(path.name, f"loading failed: {type(e).__name__}")
             return None
         name = checkpoint.name
+        if name in self.models:
+            log.error("not serving %s: model name %r is already served", path, name)
+            self.fail(path.name, f"model name {name!r} is already served from another folder")
+            return None
         batcher = Batcher(name, compact(checkpoint.model), self.device, self.settings,
                           self.metrics, checkpoint.model.table)
         served = ServedModel(name, checkpoint.manifest, checkpoint.model, batcher,
@@ -98,12 +122,23 @@ class ModelRegistry:
         self.metrics.queue_depth.labels(name).set(0)  # exists before the first request
         return served
 
-    def warm_up(self, served: ServedModel) -> None:
+    def warm_up(self, served: ServedModel) -> bool:
+        """Run the model once per batch-size bucket; False (recorded) if it raised."""
         start = time.monotonic()
-        if self.settings.warmup:
-            served.batcher.warm_up(served.input_size)
+        try:
+            if self.settings.warmup:
+                served.batcher.warm_up(served.input_size)
+        except Exception as e:
+            log.exception("not serving %s: warm-up failed", served.name)
+            self.fail(served.name, f"warm-up failed: {type(e).__name__}")
+            return False
         served.warmup_seconds = time.monotonic() - start
         self.metrics.warmup_seconds.labels(served.name).set(served.warmup_seconds)
+        return True
+
+    def discard(self, served: ServedModel) -> None:
+        self.models.pop(served.name, None)
+        self.metrics.model_ready.labels(served.name).set(0)
 
     def default_name(self) -> str | None:
         if self.settings.default_model:

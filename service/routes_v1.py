@@ -12,6 +12,7 @@ from typing import Literal
 import torch
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field, ValidationError
+from starlette.exceptions import HTTPException
 
 from .batching import Job, JobResult
 from .errors import ApiError
@@ -20,6 +21,8 @@ from .imaging import preprocess_async
 router = APIRouter()
 
 PARAMETERS = ("budget", "policy", "top_k", "timeout")
+RULES = {"budget": "must be a number in [0, 1]", "policy": "must be threshold, topk or cap",
+         "top_k": "must be an integer from 1 to 1000", "timeout": "must be a number of seconds > 0"}
 
 
 class PredictParams(BaseModel):
@@ -75,16 +78,29 @@ def validate_params(raw: dict) -> PredictParams:
     try:
         return PredictParams(**raw)
     except ValidationError as e:
-        parts = [f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()]
+        names = dict.fromkeys(str(err["loc"][0]) for err in e.errors())
+        parts = [f"{n}: {RULES.get(n, 'is not valid')}, got {raw.get(n)!r}" for n in names]
         raise ApiError(422, "; ".join(parts), "bad_parameter") from None
+
+
+def too_many_images(count: int, limit: int) -> ApiError:
+    return ApiError(413, f"{count} images in one request; the limit is {limit} "
+                    "(max_images_per_request)", "too_many_images")
 
 
 async def read_images(request: Request, max_images: int) -> tuple[list[bytes], dict]:
     """Encoded images and body parameters from multipart, raw image/* or JSON base64."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "multipart/form-data":
-        form = await request.form(max_files=max_images, max_fields=len(PARAMETERS) + 1)
+        try:  # one part over the limits is enough to know the request is too large
+            form = await request.form(max_files=max_images + 1, max_fields=len(PARAMETERS) + 1)
+        except HTTPException as e:  # starlette's parser: malformed, or too many parts
+            if "too many files" in str(e.detail).lower():
+                raise too_many_images(max_images + 1, max_images) from None
+            raise ApiError(400, f"multipart body: {e.detail}", "bad_request") from None
         files = [f for f in form.getlist("file") if hasattr(f, "read")]
+        if len(files) > max_images:
+            raise too_many_images(len(files), max_images)
         if not files:
             raise ApiError(400, 'multipart body has no "file" field', "bad_request")
         params = {k: form[k] for k in PARAMETERS if isinstance(form.get(k), str)}
@@ -99,9 +115,11 @@ async def read_images(request: Request, max_images: int) -> tuple[list[bytes], d
         encoded = body.get("images") if isinstance(body, dict) else None
         if isinstance(body, dict) and encoded is None and "image" in body:
             encoded = [body["image"]]
-        if not isinstance(encoded, list) or not encoded or len(encoded) > max_images:
-            raise ApiError(400, f'JSON body needs "image": "<base64>" or "images": [...] '
-                           f"(1 to {max_images})", "bad_request")
+        if not isinstance(encoded, list) or not encoded:
+            raise ApiError(400, 'JSON body needs "image": "<base64>" or "images": [...]',
+                           "bad_request")
+        if len(encoded) > max_images:
+            raise too_many_images(len(encoded), max_images)
         try:
             images = [base64.b64decode(e, validate=True) for e in encoded]
         except (binascii.Error, TypeError, ValueError):
@@ -118,6 +136,9 @@ async def infer(request: Request, served, images: torch.Tensor, budget: float | 
 
     Returns the result and the budget and policy used (the model's defaults where None)."""
     settings = request.app.state.server.settings
+    if timeout is not None and timeout > settings.max_timeout_s:
+        raise ApiError(422, f"timeout: must be at most {settings.max_timeout_s:g} s "
+                       f"(max_timeout_s), got {timeout:g}", "bad_parameter")
     seconds = min(timeout or settings.request_timeout_s, settings.max_timeout_s)
     deadline = time.monotonic() + seconds
     future = asyncio.get_running_loop().create_future()

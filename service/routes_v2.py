@@ -21,11 +21,11 @@ from fastapi.responses import JSONResponse, Response
 from . import __version__
 from .errors import ApiError
 from .imaging import preprocess_async
-from .routes_v1 import infer, validate_params
+from .routes_v1 import infer, too_many_images, validate_params
 
 router = APIRouter(tags=["v2"])
 HEADER_LENGTH = "inference-header-content-length"
-DTYPES = {"FP32": np.float32, "INT64": np.int64}
+INPUTS = {"IMAGE": "BYTES", "INPUT": "FP32"}  # name: datatype
 
 
 @router.get("/v2")
@@ -124,7 +124,13 @@ def read_input(request: dict, binary: bytes, limits, min_size: int) -> tuple[str
     if len(inputs) != 1 or not isinstance(inputs[0], dict):
         raise ApiError(400, "send exactly one input: IMAGE (BYTES) or INPUT (FP32)", "bad_request")
     spec = inputs[0]
+    if spec.get("name") not in INPUTS:
+        raise ApiError(400, f"unknown input {spec.get('name')!r}; accepted: IMAGE (BYTES) or INPUT "
+                       "(FP32)", "bad_request")
     datatype, shape = spec.get("datatype"), spec.get("shape")
+    if datatype != INPUTS[spec["name"]]:
+        raise ApiError(400, f"input {spec['name']} is {INPUTS[spec['name']]}, not {datatype!r}",
+                       "bad_request")
     if not isinstance(shape, list) or not all(isinstance(d, int) and d > 0 for d in shape):
         raise ApiError(400, "input shape must be a list of positive integers", "bad_request")
     size = (spec.get("parameters") or {}).get("binary_data_size")
@@ -138,34 +144,36 @@ def read_input(request: dict, binary: bytes, limits, min_size: int) -> tuple[str
                 items = [base64.b64decode(s, validate=True) for s in spec.get("data") or []]
             except (binascii.Error, TypeError, ValueError):
                 raise ApiError(400, "BYTES data must be base64 strings in JSON", "bad_request") from None
-        if len(items) != count or not 0 < count <= limits.max_images_per_request:
-            raise ApiError(400, f"expected {count} images (1 to {limits.max_images_per_request})",
+        if count > limits.max_images_per_request:
+            raise too_many_images(count, limits.max_images_per_request)
+        if len(items) != count:
+            raise ApiError(400, f"shape {shape} says {count} images; {len(items)} were sent",
                            "bad_request")
         return "IMAGE", items
-    if datatype == "FP32":
-        if len(shape) != 4 or shape[1] != 3 or shape[0] > limits.max_images_per_request:
-            raise ApiError(400, "FP32 input must be [N, 3, H, W]", "bad_request")
-        if min(shape[2:]) < min_size:
-            raise ApiError(400, f"FP32 input must be at least {min_size}x{min_size}", "bad_request")
-        if shape[2] * shape[3] > limits.max_pixels:
-            raise ApiError(413, "FP32 input has too many pixels", "too_many_pixels")
-        if raw is not None:
-            if len(raw) != count * 4:
-                raise ApiError(400, f"FP32 binary data is {len(raw)} bytes, not {count * 4}",
-                               "bad_request")
-            array = np.frombuffer(raw, dtype="<f4")
-        else:
-            try:
-                array = np.asarray(spec.get("data"), dtype=np.float32).reshape(-1)
-            except (TypeError, ValueError):
-                raise ApiError(400, "FP32 data must be numbers", "bad_request") from None
-            if array.size != count:
-                raise ApiError(400, f"FP32 data has {array.size} values, not {count}", "bad_request")
-        tensor = torch.from_numpy(array.copy()).reshape(shape)
-        if not torch.isfinite(tensor).all():
-            raise ApiError(400, "FP32 input has non-finite values", "bad_request")
-        return "INPUT", tensor
-    raise ApiError(400, f"unsupported input datatype {datatype!r}: use BYTES or FP32", "bad_request")
+    if len(shape) != 4 or shape[1] != 3:
+        raise ApiError(400, "FP32 input must be [N, 3, H, W]", "bad_request")
+    if shape[0] > limits.max_images_per_request:
+        raise too_many_images(shape[0], limits.max_images_per_request)
+    if min(shape[2:]) < min_size:
+        raise ApiError(400, f"FP32 input must be at least {min_size}x{min_size}", "bad_request")
+    if shape[2] * shape[3] > limits.max_pixels:
+        raise ApiError(413, "FP32 input has too many pixels", "too_many_pixels")
+    if raw is not None:
+        if len(raw) != count * 4:
+            raise ApiError(400, f"FP32 binary data is {len(raw)} bytes, not {count * 4}",
+                           "bad_request")
+        array = np.frombuffer(raw, dtype="<f4")
+    else:
+        try:
+            array = np.asarray(spec.get("data"), dtype=np.float32).reshape(-1)
+        except (TypeError, ValueError):
+            raise ApiError(400, "FP32 data must be numbers", "bad_request") from None
+        if array.size != count:
+            raise ApiError(400, f"FP32 data has {array.size} values, not {count}", "bad_request")
+    tensor = torch.from_numpy(array.copy()).reshape(shape)
+    if not torch.isfinite(tensor).all():
+        raise ApiError(400, "FP32 input has non-finite values", "bad_request")
+    return "INPUT", tensor
 
 
 @router.post("/v2/models/{name}/infer")

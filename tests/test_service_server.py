@@ -112,8 +112,7 @@ def test_sigterm_under_load_loses_no_in_flight_request(weights):
         for t in threads:
             t.join()
         assert results == [200] * 10
-        # uvicorn re-raises the signal once drained, so the exit status is SIGTERM's
-        assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0  # a drained SIGTERM is a clean stop
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -134,7 +133,7 @@ def test_sigterm_keeps_serving_through_the_drain_delay_and_a_second_signal_stops
             assert new.status_code == 200  # ...while it still serves what reaches it
         started = time.monotonic()
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
         assert time.monotonic() - started < 2.5  # the second signal did not wait out the delay
     finally:
         proc.kill()

@@ -13,12 +13,11 @@ Under torchrun, `train` (and the training part of `all`) runs data-parallel.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import sys
 import time
-from dataclasses import fields
+from dataclasses import MISSING, fields
 from pathlib import Path
 
 from models.budget import POLICIES
@@ -37,8 +36,16 @@ SUPPRESS = argparse.SUPPRESS
 
 
 def train_arguments(p: argparse.ArgumentParser) -> None:
-    """Options that become TrainConfig fields; unset ones keep the config's defaults."""
-    a = functools.partial(p.add_argument, default=SUPPRESS)
+    """Options that become TrainConfig fields; unset ones keep the config's defaults (and the
+    recipe's), which their help shows."""
+    defaults = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
+
+    def a(flag: str, help: str = "", **kw) -> None:
+        name = kw.get("dest", flag[2:].replace("-", "_"))
+        default, fast = defaults.get(name), RECIPES["fast"].get(name)
+        if "default" not in help and kw.get("action") != "store_true" and default not in (None, {}):
+            help += f" (default {default}" + ("" if fast is None else f"; fast recipe {fast}") + ")"
+        p.add_argument(flag, default=SUPPRESS, help=help.strip(), **kw)
     a("--data", help="image folders (train/<class>, test/<class>), cifar-10-batches-py, or a cache file")
     a("--arch", help="acs_densenet40 (default), densenet40, g_resnext29/50/101, densenet, resnext")
     a("--config", dest="model_config", type=json.loads,
@@ -104,6 +111,13 @@ def evaluate_arguments(p: argparse.ArgumentParser) -> None:
 def export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="checkpoint folder (default: weights/<name>)")
     p.add_argument("--name", help="model name (default: the run folder's name)")
+    p.add_argument("--default-budget", type=float, default=1.0,
+                   help="budget for requests that give none (default 1.0); choose it from the "
+                        "run's eval.md: e.g. the lowest budget within a point of 1.0's top-1")
+    p.add_argument("--default-policy", choices=POLICIES, default="threshold",
+                   help="policy for requests that give none (default threshold)")
+    p.add_argument("--serve-default", action="store_true",
+                   help="make it the server's default model (/v1/predict) over the others")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -199,7 +213,8 @@ def run_evaluate(args: argparse.Namespace) -> None:
 
 def run_export(args: argparse.Namespace) -> None:
     name = args.name or Path(args.run).name
-    out = export(args.run, args.out or Path("weights") / name, name)
+    out = export(args.run, args.out or Path("weights") / name, name, args.default_budget,
+                 args.default_policy, args.serve_default)
     print(f"exported {out}")
 
 

@@ -26,8 +26,13 @@ def git_commit() -> str | None:
     return out.stdout.strip()
 
 
-def export(run: str | Path, out: str | Path, name: str | None = None) -> Path:
-    """Write the run's calibrated model and model card to `out`; verifies that it loads."""
+def export(run: str | Path, out: str | Path, name: str | None = None, default_budget: float = 1.0,
+           default_policy: str = "threshold", serve_default: bool = False) -> Path:
+    """Write the run's calibrated model and model card to `out`; verifies that it loads.
+
+    `default_budget` and `default_policy` are the model's operating point for requests that
+    name none (pick one from the evaluation's accuracy-vs-budget rows, e.g. the lowest budget
+    within a point of budget 1.0); `serve_default` marks it the server's default model."""
     run, out = Path(run), Path(out)
     name = name or out.name
     if not (run / CALIBRATION).is_file():
@@ -47,7 +52,9 @@ def export(run: str | Path, out: str | Path, name: str | None = None) -> Path:
         "torch": torch.__version__, "git_commit": git_commit(),
     }
     save_checkpoint(model, out, name=name, classes=data["classes"], mean=data["mean"], std=data["std"],
-                    accuracy=result["rows"] if result else [], provenance=provenance)
+                    accuracy=result["rows"] if result else [], provenance=provenance,
+                    default_budget=default_budget, default_policy=default_policy,
+                    serve_default=serve_default)
     if result:
         shutil.copy(run / EVAL_JSON, out / EVAL_JSON)
         if (run / PLOT).is_file():
