@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
@@ -27,6 +27,7 @@ from .errors import (
 )
 from .metrics import Metrics
 from .middleware import ServingMiddleware
+from .openapi import METRICS_RESPONSE, with_limits
 from .registry import ModelRegistry, ServedModel, checkpoint_dirs, missing_weights, pick_device
 from .routes_v1 import router as v1_router
 from .routes_v2 import router as v2_router
@@ -137,7 +138,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         """Liveness: the process answers. Never waits on model loading."""
         return {"status": "alive"}
 
-    @app.get("/readyz", tags=["health"])
+    ready_body = {"description": "readiness and, per weights folder, why it is not served",
+                  "content": {"application/json": {"schema": {"type": "object", "properties": {
+                      "ready": {"type": "boolean"}, "loaded": {"type": "boolean"},
+                      "draining": {"type": "boolean"},
+                      "models": {"type": "object", "additionalProperties": {"type": "boolean"}},
+                      "errors": {"type": "object", "additionalProperties": {"type": "string"}}}}}}}
+
+    @app.get("/readyz", tags=["health"], responses={200: ready_body, 503: ready_body})
     async def readyz():
         """Readiness: not shutting down, and every model in the weights folder loaded and warmed
         up (`strict_readiness` false: at least one); `errors` says why a folder is not served."""
@@ -146,9 +154,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 "errors": state.registry.errors}
         return JSONResponse(body, 200 if state.ready else 503)
 
-    @app.get("/metrics", tags=["health"])
+    @app.get("/metrics", tags=["health"], response_class=PlainTextResponse,
+             responses=METRICS_RESPONSE)
     async def prometheus_metrics() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     app.add_middleware(ServingMiddleware, state=state)
+    schema = app.openapi
+    app.openapi = lambda: with_limits(schema(), settings)
     return app

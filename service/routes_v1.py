@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException
 from .batching import Job, JobResult
 from .errors import ApiError
 from .imaging import preprocess_async
+from .openapi import errors, predict_openapi
 
 router = APIRouter()
 
@@ -172,13 +173,25 @@ def predictions(result: JobResult, model, classes: list[str], top_k: int, reques
     return out
 
 
+def merge_params(request: Request, body_params: dict) -> PredictParams:
+    """The parameters of the query string, where the body does not give them; both are
+    checked (an invalid value is refused even where the other one wins)."""
+    query = {k: request.query_params.getlist(k) for k in PARAMETERS if k in request.query_params}
+    repeated = sorted(k for k, v in query.items() if len(v) > 1)
+    if repeated:
+        raise ApiError(422, f"{', '.join(repeated)}: given more than once in the query",
+                       "bad_parameter")
+    query = {k: v[0] for k, v in query.items()}
+    validate_params(query)
+    return validate_params({**query, **body_params})
+
+
 async def predict_with(request: Request, name: str | None) -> dict:
     state = request.app.state.server
     served = state.model(name)
     request.state.model = served.name
     data, body_params = await read_images(request, state.settings.max_images_per_request)
-    query = {k: v for k, v in request.query_params.items() if k in PARAMETERS}
-    params = validate_params({**query, **body_params})
+    params = merge_params(request, body_params)
     max_pixels = state.settings.max_pixels
     images = await preprocess_async(data, served.manifest, max_pixels)
     result, budget, policy = await infer(request, served, images, params.budget, params.policy,
@@ -201,19 +214,23 @@ default: the model's operating point), `policy` (`threshold`, `topk`, `cap`), `t
 `timeout` (seconds)."""
 
 
+PREDICT_ERRORS = errors(400, 401, 404, 413, 415, 422, 429, 500, 503, 504)
+
+
 @router.post("/v1/models/{name}/predict", response_model=PredictResponse, tags=["v1"],
-             description=PREDICT_DOC)
+             description=PREDICT_DOC, responses=PREDICT_ERRORS, openapi_extra=predict_openapi())
 async def predict_model(name: str, request: Request) -> dict:
     return await predict_with(request, name)
 
 
 @router.post("/v1/predict", response_model=PredictResponse, tags=["v1"],
-             description=PREDICT_DOC + "\n\nUses the default model.")
+             description=PREDICT_DOC + "\n\nUses the default model.", responses=PREDICT_ERRORS,
+             openapi_extra=predict_openapi())
 async def predict_default(request: Request) -> dict:
     return await predict_with(request, None)
 
 
-@router.get("/v1/models", tags=["v1"])
+@router.get("/v1/models", tags=["v1"], responses=errors(401))
 async def list_models(request: Request) -> dict:
     """Every model served: metadata, classes, budget floor, calibration and accuracy tables."""
     state = request.app.state.server
@@ -222,7 +239,7 @@ async def list_models(request: Request) -> dict:
             "errors": state.registry.errors}
 
 
-@router.get("/v1/models/{name}", tags=["v1"])
+@router.get("/v1/models/{name}", tags=["v1"], responses=errors(401, 404))
 async def model_metadata(name: str, request: Request) -> dict:
     registry = request.app.state.server.registry
     if name not in registry.models:

@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse, Response
 from . import __version__
 from .errors import ApiError
 from .imaging import preprocess_async
+from .openapi import errors, infer_openapi
 from .routes_v1 import infer, too_many_images, validate_params
 
 router = APIRouter(tags=["v2"])
@@ -38,7 +39,11 @@ async def live() -> dict:
     return {"live": True}
 
 
-@router.get("/v2/health/ready")
+READY = {"description": "readiness", "content": {"application/json": {"schema": {
+    "type": "object", "properties": {"ready": {"type": "boolean"}}}}}}
+
+
+@router.get("/v2/health/ready", responses={200: READY, 503: READY})
 async def ready(request: Request) -> JSONResponse:
     is_ready = request.app.state.server.ready
     return JSONResponse({"ready": is_ready}, 200 if is_ready else 503)
@@ -51,7 +56,7 @@ def _served(request: Request, name: str):
     return registry.models[name]
 
 
-@router.get("/v2/models/{name}")
+@router.get("/v2/models/{name}", responses=errors(401, 404))
 async def model_metadata(name: str, request: Request) -> dict:
     served = _served(request, name)
     size, classes = served.input_size, len(served.classes)
@@ -66,13 +71,17 @@ async def model_metadata(name: str, request: Request) -> dict:
     }
 
 
-@router.get("/v2/models/{name}/ready")
+MODEL_READY = {"description": "the model's readiness", "content": {"application/json": {"schema": {
+    "type": "object", "properties": {"name": {"type": "string"}, "ready": {"type": "boolean"}}}}}}
+
+
+@router.get("/v2/models/{name}/ready", responses={200: MODEL_READY, 503: MODEL_READY, **errors(401, 404)})
 async def model_ready(name: str, request: Request) -> JSONResponse:
     served = _served(request, name)
     return JSONResponse({"name": name, "ready": served.ready}, 200 if served.ready else 503)
 
 
-@router.get("/v2/models/{name}/config")
+@router.get("/v2/models/{name}/config", responses=errors(401, 404))
 async def model_config(name: str, request: Request) -> dict:
     """A Triton-style model configuration, for clients such as perf_analyzer: both inputs are
     optional (a request sends exactly one of them)."""
@@ -124,16 +133,19 @@ def read_input(request: dict, binary: bytes, limits, min_size: int) -> tuple[str
     if len(inputs) != 1 or not isinstance(inputs[0], dict):
         raise ApiError(400, "send exactly one input: IMAGE (BYTES) or INPUT (FP32)", "bad_request")
     spec = inputs[0]
-    if spec.get("name") not in INPUTS:
+    if not isinstance(spec.get("name"), str) or spec["name"] not in INPUTS:
         raise ApiError(400, f"unknown input {spec.get('name')!r}; accepted: IMAGE (BYTES) or INPUT "
                        "(FP32)", "bad_request")
     datatype, shape = spec.get("datatype"), spec.get("shape")
     if datatype != INPUTS[spec["name"]]:
         raise ApiError(400, f"input {spec['name']} is {INPUTS[spec['name']]}, not {datatype!r}",
                        "bad_request")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d > 0 for d in shape):
+    if not isinstance(shape, list) or not shape or not all(type(d) is int and d > 0 for d in shape):
         raise ApiError(400, "input shape must be a list of positive integers", "bad_request")
-    size = (spec.get("parameters") or {}).get("binary_data_size")
+    parameters = spec.get("parameters") or {}
+    size = parameters.get("binary_data_size") if isinstance(parameters, dict) else None
+    if not (size is None or (type(size) is int and size >= 0)):
+        raise ApiError(400, "binary_data_size must be a byte count", "bad_request")
     raw = binary[:size] if size is not None else None
     count = math.prod(shape)
     if datatype == "BYTES":
@@ -176,7 +188,13 @@ def read_input(request: dict, binary: bytes, limits, min_size: int) -> tuple[str
     return "INPUT", tensor
 
 
-@router.post("/v2/models/{name}/infer")
+INFER_OK = {"description": "outputs as JSON, or a JSON header then raw tensor bytes",
+            "content": {"application/json": {"schema": {"type": "object"}},
+                        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}
+
+
+@router.post("/v2/models/{name}/infer", openapi_extra=infer_openapi(),
+             responses={200: INFER_OK, **errors(400, 401, 404, 413, 415, 422, 429, 500, 503, 504)})
 async def model_infer(name: str, request: Request) -> Response:
     state = request.app.state.server
     served = state.model(name)
