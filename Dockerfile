@@ -29,6 +29,11 @@ COPY training/ training/
 RUN pip install --no-cache-dir -c constraints.txt . \
     && python -c "import service.app, models.registry"
 
+# Checkpoints readable by the serving user, whatever modes they had in the build context.
+FROM ${PYTHON_IMAGE} AS weights
+COPY weights/ /weights/
+RUN chmod -R a+rX /weights
+
 FROM ${PYTHON_IMAGE} AS runtime
 LABEL org.opencontainers.image.title="acs-serve" \
       org.opencontainers.image.description="Adaptive Channel Skipping CNNs under a per-request compute budget" \
@@ -39,7 +44,7 @@ COPY --from=build /opt/venv /opt/venv
 WORKDIR /app
 # Baked-in weights (one sub-folder per model); mount another folder over /app/weights to
 # serve other ones. The folder may hold no checkpoint: the server then never gets ready.
-COPY --chown=root:root weights/ /app/weights/
+COPY --from=weights /weights/ /app/weights/
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \

@@ -78,7 +78,9 @@ def test_dockerfile_is_multi_stage_non_root_with_readiness_healthcheck():
     assert users and users[-1].split(":")[0] not in ("root", "0"), "runs as a non-root user"
     assert re.search(r"^HEALTHCHECK .*\n?.*CMD .*/readyz", text, re.M), "healthcheck on readiness"
     assert "-c constraints.txt" in text and "-r constraints.txt" in text, "pinned torch"
-    assert re.search(r"^COPY .*weights/ /app/weights/", text, re.M), "weights baked in"
+    assert re.search(r"^COPY --from=weights /weights/ /app/weights/", text, re.M), "weights baked in"
+    assert re.search(r"^FROM .* AS weights\nCOPY weights/ /weights/\nRUN chmod -R a\+rX /weights$", text,
+                     re.M), "weights readable by the serving user (uid 10001), whatever their modes"
     assert "ACS_WEIGHTS_DIR=/app/weights" in text and "ACS_HOST=0.0.0.0" in text
     assert re.search(r'^ENTRYPOINT \["python", "-m", "service"\]', text, re.M)
 
