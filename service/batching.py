@@ -50,10 +50,11 @@ class JobResult:
 class Batcher:
     """Collects jobs for one model into batches and runs them on one inference thread."""
 
-    def __init__(self, name: str, executor, device: torch.device, settings, metrics: Metrics,
-                 table) -> None:
-        self.name, self.executor, self.device = name, executor, device
-        self.settings, self.metrics, self.table = settings, metrics, table
+    def __init__(self, name: str, model, executor, device: torch.device, settings,
+                 metrics: Metrics) -> None:
+        """`model`: the network (its budget table and unit); `executor`: what runs it."""
+        self.name, self.model, self.executor, self.device = name, model, executor, device
+        self.settings, self.metrics = settings, metrics
         self.queue: deque[Job] = deque()
         self.queued_images = 0
         self.wakeup = asyncio.Event()
@@ -154,7 +155,8 @@ class Batcher:
         m = self.metrics
         m.inference_seconds.labels(self.name).observe(elapsed)
         m.batch_size.labels(self.name).observe(n)
-        m.observe_images(self.name, policy, requested, effective, cost)
+        m.observe_images(self.name, policy, requested, effective, cost,
+                         self.model.budget_ratio(cost).tolist())
         results, offset = [], 0
         for job in jobs:
             rows = slice(offset, offset + job.size)
@@ -173,6 +175,6 @@ class Batcher:
             x = torch.zeros(n, 3, size, size, device=self.device)
             start = time.monotonic()
             self.executor(x, budget=1.0, policy="threshold")
-            self.executor(x, budget=self.table.floor, policy="topk")
+            self.executor(x, budget=self.model.table.floor, policy="topk")
             self.seconds_per_image = max(self.seconds_per_image, (time.monotonic() - start) / 2 / n)
 

@@ -51,6 +51,9 @@ class Metrics:
         self.executed_ratio = Histogram("acs_executed_mac_ratio",
                                         "executed MACs over dense MACs per image", labels,
                                         buckets=RATIO, registry=r)
+        self.budget_ratio = Histogram("acs_budget_ratio", "per image, the figure the budget bounds: "
+                                      "executed over dense MACs (BitOps for DFS models)", labels,
+                                      buckets=RATIO, registry=r)
         self.executed_macs = Counter("acs_executed_macs", "MACs executed", m, registry=r)
         self.saved_macs = Counter("acs_saved_macs", "dense MACs not executed", m, registry=r)
         self.layer_skipped = Counter("acs_layer_skipped_channels", "gated channels skipped",
@@ -68,15 +71,17 @@ class Metrics:
             {"version": version, "torch": torch.__version__, "python": platform.python_version(),
              "device": device})
 
-    def observe_images(self, model: str, policy: str, requested, effective, cost) -> None:
+    def observe_images(self, model: str, policy: str, requested, effective, cost, budget_ratios) -> None:
         """Per-image budget and cost figures of one served batch of a model."""
         ratios = cost.ratio.tolist()
         skipped = cost.skipped_ratio.tolist()
-        for req, eff, ratio, skip in zip(requested, effective, ratios, skipped, strict=True):
+        for req, eff, ratio, skip, bounded in zip(requested, effective, ratios, skipped, budget_ratios,
+                                                  strict=True):
             tier = budget_tier(eff)
             self.requested_budget.labels(model, policy).observe(req)
             self.skipped_ratio.labels(model, policy, tier).observe(skip)
             self.executed_ratio.labels(model, policy, tier).observe(ratio)
+            self.budget_ratio.labels(model, policy, tier).observe(bounded)
         executed = int(cost.executed.sum())
         self.executed_macs.labels(model).inc(executed)
         self.saved_macs.labels(model).inc(max(cost.dense * len(ratios) - executed, 0))

@@ -113,8 +113,8 @@ class ModelRegistry:
             log.error("not serving %s: model name %r is already served", path, name)
             self.fail(path.name, f"model name {name!r} is already served from another folder")
             return None
-        batcher = Batcher(name, compact(checkpoint.model), self.device, self.settings,
-                          self.metrics, checkpoint.model.table)
+        batcher = Batcher(name, checkpoint.model, compact(checkpoint.model), self.device,
+                          self.settings, self.metrics)
         served = ServedModel(name, checkpoint.manifest, checkpoint.model, batcher,
                              time.monotonic() - start)
         self.metrics.load_seconds.labels(name).set(served.load_seconds)

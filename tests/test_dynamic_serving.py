@@ -49,3 +49,19 @@ def test_models_are_listed_with_their_architectures(client):
     models = {m["name"]: m for m in client.get("/v1/models").json()["models"]}
     assert {n: models[n]["architecture"] for n in FACTORIES} == ARCHITECTURES
     assert all(models[n]["ready"] and models[n]["gated"] for n in FACTORIES)
+
+
+def test_the_budget_metric_is_in_the_budget_unit(client):
+    """Alerts compare acs_budget_ratio with the requested budget: for DFS that is BitOps."""
+    def metric(name: str) -> float:
+        prefix = f'{name}{{budget_tier="0.50",model="dfs",policy="topk"}} '
+        lines = [line for line in client.get("/metrics").text.splitlines() if line.startswith(prefix)]
+        return float(lines[0].split()[-1]) if lines else 0.0
+
+    before = metric("acs_budget_ratio_sum"), metric("acs_executed_mac_ratio_sum")
+    cost = client.post("/v1/models/dfs/predict?budget=0.5&policy=topk",
+                       files={"file": ("x.png", encode(), "image/png")}).json()["predictions"][0]["cost"]
+    after = metric("acs_budget_ratio_sum"), metric("acs_executed_mac_ratio_sum")
+    assert after[0] - before[0] == pytest.approx(cost["budget_ratio"])
+    assert after[1] - before[1] == pytest.approx(cost["executed_ratio"])
+    assert cost["budget_ratio"] != pytest.approx(cost["executed_ratio"])

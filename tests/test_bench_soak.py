@@ -1,0 +1,22 @@
+"""bench/soak.py end to end, briefly: the shipped weights under the mixed load, every answer
+accounted for (the bad requests' 4xx expected, nothing else), memory sampled."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_soak_reports_statuses_latency_and_memory(tmp_path):
+    out = tmp_path / "soak.json"
+    subprocess.run([sys.executable, str(ROOT / "bench" / "soak.py"), "--minutes", "0.2", "--probe", "3",
+                    "--window", "4", "--seed", "3", "--json", str(out)],
+                   check=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    report = json.loads(out.read_text())
+    assert report["requests"] > 20 and report["by_status"]["200"] > 0
+    assert report["unexpected"] == {} and report["server_errors"] == 0 and report["timeouts"] == 0
+    assert len(report["windows"]) == 3 and all(w["rss_mib"] > 0 for w in report["windows"])
+    assert sum(w["requests"] for w in report["windows"]) == report["requests"]
