@@ -13,7 +13,7 @@ import re
 import time
 import uuid
 
-from .errors import ApiError
+from .errors import ApiError, error_body
 
 _REQUEST_ID = re.compile(r"^[\w\-.:]{1,128}$")
 DRAIN_BYTES = 64 * 1024 * 1024  # most of an unread body read before answering; past it: close
@@ -50,7 +50,7 @@ class ServingMiddleware:
             refusal = self._refusal(scope, headers)
             if refusal is not None:
                 scope["state"]["reject_reason"] = refusal.reason
-                await _send_error(send_with_id, refusal)
+                await _send_error(send_with_id, refusal, request_id)
             else:
                 await self.app(scope, body, send_with_id)
         finally:
@@ -120,8 +120,8 @@ class _Body:
         return self.done
 
 
-async def _send_error(send, error: ApiError) -> None:
-    body = json.dumps({"error": error.message, "reason": error.reason}).encode()
+async def _send_error(send, error: ApiError, request_id: str) -> None:
+    body = json.dumps(error_body(error.message, error.reason, request_id)).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     headers += [(k.lower().encode(), v.encode()) for k, v in (error.headers or {}).items()]
     await send({"type": "http.response.start", "status": error.status, "headers": headers})

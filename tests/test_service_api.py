@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from service.config import Settings, from_env, parse_args
+from service.routes_v1 import PredictResponse
 from tests.service_helpers import CLASSES, encode, make_client, make_weights, wait_ready
 
 
@@ -68,6 +69,7 @@ def test_prediction_response(client):
     assert r.status_code == 200, r.text
     body = r.json()
     assert r.headers["x-request-id"] == body["request_id"] == "my-id-1"
+    PredictResponse.model_validate(body)  # the schema /docs shows
     assert body["model"] == "cheap"
     (p,) = body["predictions"]
     assert len(p["top_k"]) == 3 and all(t["label"] in CLASSES for t in p["top_k"])
@@ -195,7 +197,8 @@ def test_api_key(weights):
     with make_client(weights, api_key="s3cret") as c:
         wait_ready(c.get)
         assert predict(c, encode()).status_code == 401
-        assert predict(c, encode(), headers={"Authorization": "Bearer nope"}).status_code == 401
+        refused = predict(c, encode(), headers={"Authorization": "Bearer nope", "X-Request-ID": "r-1"})
+        assert refused.status_code == 401 and refused.json()["request_id"] == "r-1"
         assert predict(c, encode(), headers={"Authorization": "Bearer s3cret"}).status_code == 200
         assert predict(c, encode(), headers={"X-API-Key": "s3cret"}).status_code == 200
         assert c.get("/v1/models").status_code == 401

@@ -22,7 +22,20 @@ DEFAULT_MODEL = "acs_fastnet"
 
 def test_the_default_model_and_its_dense_baseline_ship():
     assert {DEFAULT_MODEL, "fastnet"} <= set(SHIPPED)
+    assert [n for n in SHIPPED if read_manifest(WEIGHTS / n).get("serve_default")] == [DEFAULT_MODEL]
     assert len(SAMPLES) == 200
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_manifests_hold_no_paths_of_the_training_machine(name):
+    """/v1/models shows the provenance: no absolute paths in it."""
+    def strings(value):
+        if isinstance(value, dict):
+            return [s for v in value.values() for s in strings(v)]
+        if isinstance(value, list):
+            return [s for v in value for s in strings(v)]
+        return [value] if isinstance(value, str) else []
+    assert not [s for s in strings(read_manifest(WEIGHTS / name)) if s.startswith("/")]
 
 
 def sample_batch(manifest: dict) -> tuple[torch.Tensor, torch.Tensor]:

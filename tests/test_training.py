@@ -338,7 +338,8 @@ def test_cli_smoke_prepare_train_calibrate_evaluate_export_load_predict(folders,
     assert main(["calibrate", "--run", str(run), "--step", "0.1", "--iterations", "8",
                  "--bn-check"]) == 0
     assert main(["evaluate", "--run", str(run), "--budgets", "0.2", "0.5", "1.0"]) == 0
-    assert main(["export", "--run", str(run), "--out", str(out)]) == 0
+    assert main(["export", "--run", str(run), "--out", str(out), "--default-budget", "0.5",
+                 "--default-policy", "cap", "--serve-default"]) == 0
     assert "exported" in capsys.readouterr().out
 
     ckpt = load_checkpoint(out)
@@ -348,6 +349,9 @@ def test_cli_smoke_prepare_train_calibrate_evaluate_export_load_predict(folders,
     assert "bn_per_budget" in manifest["calibration"]["extra"]
     assert len(manifest["accuracy"]) == 9
     assert manifest["provenance"]["dataset"] == "synthetic" and manifest["provenance"]["epochs"] == 2
+    assert manifest["default"] == {"budget": 0.5, "policy": "cap"} and manifest["serve_default"]
+    train = manifest["provenance"]["train"]
+    assert (train["run"], train["cache"]) == ("smoke", "cache.safetensors")  # no machine paths
     card = (out / "README.md").read_text()
     assert "| threshold | 0.5 |" in card and PLOT in card
     assert (out / PLOT).is_file() and (out / EVAL_JSON).is_file()

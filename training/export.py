@@ -26,6 +26,15 @@ def git_commit() -> str | None:
     return out.stdout.strip()
 
 
+PATHS = ("data", "run", "cache", "init_from", "teacher")  # TrainConfig fields that are paths
+
+
+def without_paths(train: dict) -> dict:
+    """The training config with its paths cut to their last part (a server shows the
+    provenance in /v1/models: no paths of the machine that trained it)."""
+    return {k: Path(v).name if k in PATHS and isinstance(v, str) else v for k, v in train.items()}
+
+
 def export(run: str | Path, out: str | Path, name: str | None = None, default_budget: float = 1.0,
            default_policy: str = "threshold", serve_default: bool = False) -> Path:
     """Write the run's calibrated model and model card to `out`; verifies that it loads.
@@ -44,7 +53,7 @@ def export(run: str | Path, out: str | Path, name: str | None = None, default_bu
     data = config["data"]
     provenance = {
         "dataset": data["name"], "data_fingerprint": data["fingerprint"],
-        "train_images": data["train_images"], "train": config["train"],
+        "train_images": data["train_images"], "train": without_paths(config["train"]),
         "epochs": progress["epoch"], "steps": progress["step"],
         "last_epoch": progress["history"][-1] if progress["history"] else None,
         "calibration": {"source": model.table.source, "images": model.table.extra.get("images")},
