@@ -91,9 +91,15 @@ def save_checkpoint(model: GatedNetwork, directory: str | Path, *, name: str,
         "provenance": provenance or {},
         "weights": {"file": WEIGHTS, "sha256": sha256_file(directory / WEIGHTS)},
     }
-    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    (directory / MANIFEST).chmod(READABLE)
+    write_manifest(directory, manifest)
     return directory
+
+
+def write_manifest(directory: str | Path, manifest: dict) -> None:
+    """A checkpoint's manifest.json (readable by the serving user)."""
+    path = Path(directory) / MANIFEST
+    path.write_text(json.dumps(manifest, indent=2) + "\n")
+    path.chmod(READABLE)
 
 
 def read_manifest(directory: str | Path) -> dict:

@@ -41,7 +41,7 @@ class _Consumer:
         self.const = F.relu(bn_affine(bn)[1])
         self.weight = weight.detach()
         self.weight_t = self.weight.T.contiguous()  # (C, O): present channels gather as rows
-        self.bias = torch.zeros(weight.shape[0]) if bias is None else bias.detach()
+        self.bias = weight.new_zeros(weight.shape[0]) if bias is None else bias.detach()
         self.full_bias = self.bias + self.weight @ self.const  # every channel skipped
         self.channels = weight.shape[1]
         self.pool = pool or (lambda y: y)

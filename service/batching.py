@@ -54,6 +54,7 @@ class Batcher:
                  metrics: Metrics) -> None:
         """`model`: the network (its budget table and unit); `executor`: what runs it."""
         self.name, self.model, self.executor, self.device = name, model, executor, device
+        self.dtype = next(model.parameters()).dtype  # the served precision: inputs are cast to it
         self.settings, self.metrics = settings, metrics
         self.queue: deque[Job] = deque()
         self.queued_images = 0
@@ -141,7 +142,7 @@ class Batcher:
     def _run(self, jobs: list[Job], policy: str) -> list[JobResult]:
         """Run one batch (on the inference thread) and split the results per job."""
         start = time.monotonic()
-        x = torch.cat([job.images for job in jobs]).to(self.device, non_blocking=True)
+        x = torch.cat([job.images for job in jobs]).to(self.device, self.dtype, non_blocking=True)
         requested = [job.budget for job in jobs for _ in range(job.size)]
         budgets = torch.tensor(requested, dtype=torch.float32, device=self.device)
         logits, info = self.executor(x, budget=budgets, policy=policy, return_info=True)
@@ -172,7 +173,7 @@ class Batcher:
         sizes = sorted({1 << i for i in range(self.settings.max_batch_size.bit_length())}
                        | {self.settings.max_batch_size})
         for n in sizes:
-            x = torch.zeros(n, 3, size, size, device=self.device)
+            x = torch.zeros(n, 3, size, size, device=self.device, dtype=self.dtype)
             start = time.monotonic()
             self.executor(x, budget=1.0, policy="threshold")
             self.executor(x, budget=self.model.table.floor, policy="topk")

@@ -51,6 +51,7 @@ def main(argv=None) -> None:
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port,
                             log_level=settings.log_level,
+                            timeout_keep_alive=int(settings.keep_alive_s),
                             timeout_graceful_shutdown=int(settings.graceful_timeout_s))
     DrainingServer(config, app.state.server, settings.drain_delay_s).run()
 

@@ -13,6 +13,7 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8000
     device: str = "auto"  # auto: cuda when available, else cpu
+    dtype: str = "auto"  # auto: bfloat16 where fast and the manifest says it holds, else float32
     default_model: str = ""  # empty: the manifest marked default, else the first by name
     threads: int = 1  # torch intra-op threads on the CPU
     max_batch_size: int = 8
@@ -27,6 +28,7 @@ class Settings:
     api_key: str = ""  # empty: no authentication
     warmup: bool = True
     strict_readiness: bool = True  # ready only when every checkpoint folder loaded
+    keep_alive_s: float = 75.0  # longer than clients' idle expiry (httpx 5 s): no reuse race
     drain_delay_s: float = 1.0  # after SIGTERM, keep accepting (readiness 503) this long
     graceful_timeout_s: float = 60.0  # after SIGTERM, longest wait for requests in flight
     log_level: str = "info"
@@ -34,6 +36,8 @@ class Settings:
     def __post_init__(self) -> None:
         if self.reject_status not in (429, 503):
             raise ValueError("reject_status must be 429 or 503")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError("dtype must be auto, float32 or bfloat16")
         if self.max_batch_size < 1 or self.max_queue_size < 1:
             raise ValueError("max_batch_size and max_queue_size must be >= 1")
 
@@ -43,6 +47,8 @@ HELP = {
     "host": "address to bind",
     "port": "port to bind",
     "device": "cpu, cuda, cuda:N or auto",
+    "dtype": "float32, bfloat16, or auto: bfloat16 where the device has it fast and the model's "
+             "manifest records its top-1 holds (acs-train precision)",
     "default_model": "model served by /v1/predict",
     "threads": "torch intra-op threads on the CPU",
     "max_batch_size": "largest dynamic batch, in images",
@@ -57,6 +63,8 @@ HELP = {
     "api_key": "require this key (Authorization: Bearer or X-API-Key) on /v1 and /v2/models",
     "warmup": "run each batch-size bucket once before reporting ready",
     "strict_readiness": "ready only when every model folder loaded (false: when one did)",
+    "keep_alive_s": "close an idle keep-alive connection after this long (longer than the "
+                    "clients' and load balancers' idle timeouts, so they close first)",
     "drain_delay_s": "after SIGTERM, keep accepting connections (readiness 503) this long",
     "graceful_timeout_s": "after SIGTERM, longest wait for the requests in flight",
     "log_level": "uvicorn log level",

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from models.checkpoint import MANIFEST, CheckpointError, load_checkpoint
+from models.precision import serving_dtype
 from models.registry import compact
 
 from .batching import Batcher
@@ -53,7 +54,7 @@ class ServedModel:
             "policies": ["threshold", "topk", "cap"],
             "calibration": m["calibration"], "accuracy": m.get("accuracy", []),
             "provenance": m.get("provenance", {}), "weights_sha256": m["weights"]["sha256"],
-            "device": str(self.batcher.device),
+            "device": str(self.batcher.device), "dtype": str(self.batcher.dtype).removeprefix("torch."),
         }
 
 
@@ -113,9 +114,9 @@ class ModelRegistry:
             log.error("not serving %s: model name %r is already served", path, name)
             self.fail(path.name, f"model name {name!r} is already served from another folder")
             return None
-        batcher = Batcher(name, checkpoint.model, compact(checkpoint.model), self.device,
-                          self.settings, self.metrics)
-        served = ServedModel(name, checkpoint.manifest, checkpoint.model, batcher,
+        model = checkpoint.model.to(serving_dtype(self.settings.dtype, self.device, checkpoint.manifest))
+        batcher = Batcher(name, model, compact(model), self.device, self.settings, self.metrics)
+        served = ServedModel(name, checkpoint.manifest, model, batcher,
                              time.monotonic() - start)
         self.metrics.load_seconds.labels(name).set(served.load_seconds)
         self.metrics.model_ready.labels(name).set(0)

@@ -1,5 +1,6 @@
 """The service as a real process or uvicorn server on a loopback port."""
 
+import http.client
 import os
 import signal
 import subprocess
@@ -137,3 +138,26 @@ def test_sigterm_keeps_serving_through_the_drain_delay_and_a_second_signal_stops
         assert time.monotonic() - started < 2.5  # the second signal did not wait out the delay
     finally:
         proc.kill()
+
+
+def test_idle_keep_alive_connections_outlive_the_clients_idle_expiry(weights):
+    """uvicorn closes idle connections after 5 s, the same as httpx's pool expiry: a client
+    reusing one just then gets a reset. The server keeps them keep_alive_s (75 s) instead."""
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "service", "--weights-dir", weights,
+                             "--port", str(port), "--log-level", "warning"], env=env)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as c:
+            wait_ready(c.get)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("GET", "/healthz")
+        assert conn.getresponse().read() == b'{"status":"alive"}'
+        sock = conn.sock
+        time.sleep(6.5)
+        conn.request("GET", "/healthz")  # on a connection the server closed: RemoteDisconnected
+        assert conn.getresponse().read() == b'{"status":"alive"}' and conn.sock is sock
+        conn.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

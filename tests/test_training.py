@@ -12,7 +12,7 @@ from PIL import Image
 
 import training.data
 import training.train
-from models.checkpoint import load_checkpoint
+from models.checkpoint import load_checkpoint, read_manifest
 from models.densenet import ACSDenseNet, DenseNetConfig
 from models.registry import compact
 from tests.conftest import randomize_bn
@@ -354,6 +354,15 @@ def test_cli_smoke_prepare_train_calibrate_evaluate_export_load_predict(folders,
     assert (train["run"], train["cache"]) == ("smoke", "cache.safetensors")  # no machine paths
     card = (out / "README.md").read_text()
     assert "| threshold | 0.5 |" in card and PLOT in card
+    assert main(["precision", "--weights", str(out), "--data", str(cache), "--budgets", "1.0", "0.5",
+                 "--policies", "threshold", "cap"]) == 0
+    measured = read_manifest(out)["dtypes"]["bfloat16"]
+    assert [(r["policy"], r["budget"]) for r in measured["rows"]] == [
+        ("threshold", 1.0), ("threshold", 0.5), ("cap", 1.0), ("cap", 0.5)]
+    drops = [r["float32"] - r["bfloat16"] for r in measured["rows"]]
+    assert measured["top1_drop_max"] == pytest.approx(max(drops))
+    assert (out / "README.md").read_text().count("## Serving precision") == 1
+    load_checkpoint(out)  # the manifest stays valid
     assert (out / PLOT).is_file() and (out / EVAL_JSON).is_file()
 
     data = load_dataset(cache)

@@ -5,6 +5,7 @@
     acs-train calibrate --run runs/X               closed-loop tau(b) and per-layer counts
     acs-train evaluate  --run runs/X               test split: JSON, Markdown, PNG
     acs-train export    --run runs/X               weights/X/: safetensors, manifest, card
+    acs-train precision --weights weights/X --data DIR   top-1 in float32 and bfloat16
     acs-train all       --data DIR --run runs/X    train, calibrate, evaluate, export
 
 Under torchrun, `train` (and the training part of `all`) runs data-parallel.
@@ -28,6 +29,7 @@ from .config import TrainConfig, load_splits, resume_config, run_config
 from .data import default_cache, load_dataset
 from .evaluate import evaluate, write_report
 from .export import export
+from .precision import BUDGETS, card_section, check_precision
 from .recipe import RECIPES, recipe_defaults
 from .state import CALIBRATION, CONFIG, load_trained, log_command, save_bn_stats, write_json
 from .train import pick_device, train
@@ -145,6 +147,13 @@ def parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("export", help="write weights/<name>/ with its model card")
     run_arguments(ex)
     export_arguments(ex)
+    prec = sub.add_parser("precision", help="a checkpoint's top-1 served in float32 and "
+                          "bfloat16, into its manifest and card (the server's dtype=auto reads it)")
+    prec.add_argument("--weights", required=True, help="checkpoint folder, e.g. weights/acs_fastnet")
+    prec.add_argument("--data", required=True, help="the dataset (or its cache) with the test split")
+    prec.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS))
+    prec.add_argument("--policies", nargs="+", choices=POLICIES, default=["threshold"])
+    prec.add_argument("--limit", type=int, help="the first N test images only")
     every = sub.add_parser("all", help="train, calibrate, evaluate, export")
     run_arguments(every)
     train_arguments(every)
@@ -237,6 +246,11 @@ def run_command(args: argparse.Namespace) -> int:
         print(f"{cache}: {len(data.train_y)} train and {len(data.test_y)} test images of "
               f"{len(data.classes)} classes, {data.image_size}x{data.image_size}; "
               f"mean {data.mean}, std {data.std}")
+        return 0
+    if args.command == "precision":
+        result = check_precision(args.weights, load_dataset(args.data), args.budgets,
+                                 tuple(args.policies), args.limit)
+        print(card_section(result))
         return 0
     if args.command in ("train", "all"):
         train(train_config(args), resume=args.resume)

@@ -19,6 +19,8 @@ import math
 
 import torch
 
+from models.precision import bf16_supported
+
 from .config import TrainConfig
 
 RECIPES = {
@@ -110,13 +112,6 @@ class Lookahead:
 
     def finish(self, model: torch.nn.Module) -> None:
         self.update(model, 1.0)
-
-
-def bf16_supported(device: torch.device) -> bool:
-    """Whether bfloat16 autocast is fast here: CUDA with bf16, or a CPU with AVX-512 bf16/AMX."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def autocast_for(cfg: TrainConfig, device: torch.device):
