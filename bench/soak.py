@@ -126,8 +126,18 @@ async def soak(url: str, pid: int, mix: Mix, rate: float, seconds: float, window
     """Poisson arrivals at `rate` for `seconds`; returns the request log, memory samples and
     how far behind its schedule the client fell (seconds, the largest lag)."""
     log, memory, tasks, lag = [], [], [], 0.0
-    # a client pool, as real clients have: bursts wait for a connection (that wait counts)
+    # a client pool, as real clients have: bursts wait for a connection (that wait counts).
+    # At most CONNECTIONS requests are outstanding: a backlog inside httpx's pool costs the
+    # client time per waiting request, and a client that falls behind then never catches up.
     limits = httpx.Limits(max_connections=CONNECTIONS, max_keepalive_connections=CONNECTIONS)
+    slots = asyncio.Semaphore(CONNECTIONS)
+
+    async def limited(kind: str, request: dict, due: float) -> None:
+        try:
+            await send(client, kind, request, log, due)
+        finally:
+            slots.release()
+
     async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits) as client:
         start = time.perf_counter()
         next_arrival, next_sample = start, start
@@ -140,8 +150,9 @@ async def soak(url: str, pid: int, mix: Mix, rate: float, seconds: float, window
                 await asyncio.sleep(min(next_arrival, next_sample) - now)
                 continue
             kind, request = mix.request()
-            tasks.append(asyncio.create_task(send(client, kind, request, log, next_arrival)))
-            lag = max(lag, now - next_arrival)
+            await slots.acquire()
+            tasks.append(asyncio.create_task(limited(kind, request, next_arrival)))
+            lag = max(lag, time.perf_counter() - next_arrival)
             next_arrival += mix.rng.expovariate(rate)
             await asyncio.sleep(0)  # let the requests run even when behind schedule
         await asyncio.gather(*tasks)

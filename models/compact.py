@@ -5,6 +5,12 @@ tensors). A gated step decides its keep-mask, then computes only the kept channe
 that keep the same number of channels run together (one batched/grouped op per layer);
 when a gated layer's counts differ across the batch, the batch splits into groups of equal
 counts, each running on by itself. `per_sample=True` runs every sample alone instead.
+
+Under the `threshold` policy a step that can zero channels (`Step.zero`) runs a batch in one
+pass instead: it computes the union of the batch's kept channels with one shared weight (a
+plain convolution, the fastest kernel), then zeros in each sample the channels it did not
+keep, so every sample's result is the one it gets alone. The union is what was executed,
+and its masks and MACs report it. A larger batch runs in chunks of UNION_BATCH images.
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ from .base import ForwardInfo, GatedNetwork
 from .budget import BudgetPlan
 
 State = dict
+UNION_BATCH = 8  # a threshold batch shares unions in chunks of this many images: a larger
+# chunk's union nears every channel (0.82 of the MACs for 200 images at budget 0.5)
 
 
 def rows_of(state: State, index: torch.Tensor) -> State:
@@ -33,6 +41,7 @@ class Step:
     gated_index: int = -1
     groups: int = 1
     key: callable | None = None  # keep (B, C) -> (B,) shape key; equal keys batch together
+    zero: callable | None = None  # (state after a shared keep (1, C), own (B, kept)) -> state
 
 
 class CompactExecutor:
@@ -50,6 +59,9 @@ class CompactExecutor:
         state = {"x": x}
         if per_sample and x.shape[0] > 1:
             logits, masks = self._split(state, plan, 0, None, torch.arange(x.shape[0]))
+        elif x.shape[0] > UNION_BATCH and policy == "threshold" and any(s.zero for s in self.steps):
+            chunks = torch.arange(x.shape[0], device=x.device) // UNION_BATCH
+            logits, masks = self._split(state, plan, 0, None, chunks)
         else:
             logits, masks = self._execute(state, plan, 0, None)
         if not return_info:
@@ -63,6 +75,12 @@ class CompactExecutor:
             if step.gate is not None:
                 if keep is None:
                     keep = plan.select(step.gated_index, step.gate(state), step.groups)
+                    if keep.shape[0] > 1 and step.zero is not None and plan.policy == "threshold":
+                        union = keep.any(0, keepdim=True)
+                        state = step.zero(step.apply(state, union), keep[:, union[0]])
+                        masks.append(union.expand_as(keep))
+                        keep = None
+                        continue
                     key = step.key(keep) if keep.shape[0] > 1 else None
                     if key is not None and (key != key[0]).any():
                         logits, rest = self._split(state, plan, i, keep, key)

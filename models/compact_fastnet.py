@@ -4,7 +4,9 @@ Every convolution has its BN folded in once (scale into the weight, shift into a
 scale is positive, so BN commutes with the max pool). A gated layer gathers the weight rows of
 its kept output blocks and the columns of the previous layer's kept blocks, so a block skipped
 in one layer also drops out of the next layer's input. The gates read only the channels that
-exist. Samples that keep the same number of blocks in a layer run as one grouped convolution.
+exist. Samples that keep the same number of blocks in a layer run as one grouped convolution;
+under `threshold` a batch runs the union of its kept blocks as one plain convolution and
+zeros the blocks a sample did not keep (`CompactExecutor`).
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ class CompactFastNet(CompactExecutor):
                                            "blocks": None, "index": None})]
         for i in range(len(model.convs)):
             gate = None if model.gates is None else self._gate(model.gates[i])
-            steps.append(Step(self._layer(i), gate=gate, gated_index=i if gate else -1, key=_count))
+            steps.append(Step(self._layer(i), gate=gate, gated_index=i if gate else -1, key=_count,
+                              zero=self._zero))
         steps.append(Step(self._head(model)))
         super().__init__(model, steps)
 
@@ -66,6 +69,11 @@ class CompactFastNet(CompactExecutor):
                 h = max_pool2x2(h)
             return {"h": F.gelu(h), "blocks": blocks, "index": rows}
         return apply
+
+    def _zero(self, state: State, own: torch.Tensor) -> State:
+        """Zero each sample's blocks outside its own keep `own` (B, kept blocks of the pass)."""
+        mask = own.repeat_interleave(self.block, 1).to(state["h"].dtype)
+        return {**state, "h": state["h"] * mask[:, :, None, None]}
 
     @staticmethod
     def _head(model: FastNet):

@@ -25,8 +25,9 @@ def conv1x1_gathered(x: torch.Tensor, weight: torch.Tensor, index: torch.Tensor,
                      bias: torch.Tensor | None = None) -> torch.Tensor:
     """1x1 convolution of x (B, n, H, W) holding input channels `index` (B, n) of `weight` (O, C).
 
-    `bias` is (O,) or per sample (B, O). `index` None reads every channel in order. One
-    sample runs as a plain convolution, a batch as bmm.
+    `bias` is (O,) or per sample (B, O). `index` None reads every channel in order; an index
+    of one row is shared by the whole batch. One sample or a shared index runs as a plain
+    convolution, a batch as bmm.
     """
     b, n, h, w = x.shape
     if index is None:
@@ -34,18 +35,23 @@ def conv1x1_gathered(x: torch.Tensor, weight: torch.Tensor, index: torch.Tensor,
     if b == 1:
         out = torch.mm(weight.index_select(1, index[0]), x.reshape(n, h * w))
         return out.reshape(1, -1, h, w) + _bias(bias, weight, 4)
+    if index.shape[0] == 1:
+        out = torch.matmul(weight.index_select(1, index[0]), x.reshape(b, n, h * w))
+        return out.reshape(b, -1, h, w) + _bias(bias, weight, 4)
     out = torch.bmm(gather_columns(weight, index), x.reshape(b, n, h * w))
     return out.reshape(b, -1, h, w) + _bias(bias, weight, 4)
 
 
 def linear_gathered(x: torch.Tensor, weight: torch.Tensor, index: torch.Tensor,
                     bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Linear layer on x (B, n) holding input features `index` (B, n) of `weight` (O, C)."""
+    """Linear layer on x (B, n) holding input features `index` (B, n) of `weight` (O, C); an
+    index of one row is shared by the whole batch."""
     if index is None:
         return F.linear(x, weight) + _bias(bias, weight, 2)
-    if x.shape[0] == 1:
-        row_bias = bias if bias is None or bias.dim() == 1 else bias[0]
-        return F.linear(x, weight.index_select(1, index[0]), row_bias)
+    if index.shape[0] == 1:
+        if bias is None or bias.dim() == 1 or x.shape[0] == 1:
+            return F.linear(x, weight.index_select(1, index[0]), None if bias is None else bias.reshape(-1))
+        return F.linear(x, weight.index_select(1, index[0])) + bias
     out = torch.bmm(gather_columns(weight, index), x.unsqueeze(2)).squeeze(2)
     return out + _bias(bias, weight, 2)
 
@@ -102,15 +108,16 @@ def conv3x3_gathered(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, 
     The weight is gathered in one copy of runs of block * 9 values (a row's kept input
     block) into the layout the convolution reads. One sample runs as a plain convolution on
     its gathered weight, a batch as one grouped convolution with a weight gathered per
-    sample. No input channel leaves only the bias.
+    sample. Rows and columns of one row each are shared by the whole batch: one gathered
+    weight, a plain convolution. No input channel leaves only the bias.
     """
     b, c, h, w = x.shape
     if rows is None and columns is None:
         return conv2d(x, weight, bias)
-    if rows is None:
-        rows = torch.arange(weight.shape[0], device=x.device).expand(b, -1)
+    per = max(1 if rows is None else rows.shape[0], 1 if columns is None else columns.shape[0])
+    rows = (torch.arange(weight.shape[0], device=x.device) if rows is None else rows).expand(per, -1)
     k = rows.shape[1]
-    bias = bias.index_select(0, rows.reshape(-1)).view(b, k)
+    bias = bias.index_select(0, rows.reshape(-1)).view(per, k)
     if k == 0 or c == 0:
         return bias[:, :, None, None].expand(b, k, h, w).contiguous()
     if columns is None:
@@ -118,8 +125,8 @@ def conv3x3_gathered(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, 
     else:
         chunks = rows[..., None] * (weight.shape[1] // block) + columns[:, None, :]
         weight = weight.view(-1, block * 9).index_select(0, chunks.view(-1))
-    weight = weight.view(b * k, c, 3, 3)
-    if b == 1:
+    weight = weight.view(per * k, c, 3, 3)
+    if per == 1:
         return conv2d(x, weight, bias[0])
     return conv2d(x.reshape(1, b * c, h, w), weight, bias.reshape(-1), groups=b).view(b, k, h, w)
 
