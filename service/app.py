@@ -25,6 +25,7 @@ from .errors import (
     internal_error_handler,
     validation_error_handler,
 )
+from .memory import trim_every
 from .metrics import Metrics
 from .middleware import ServingMiddleware
 from .openapi import METRICS_RESPONSE, with_limits
@@ -108,6 +109,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         state.tasks.append(asyncio.create_task(load_models(state)))
+        if settings.trim_memory_s > 0:
+            state.tasks.append(asyncio.create_task(trim_every(settings.trim_memory_s)))
         yield
         state.draining = True
         for task in state.tasks:

@@ -28,6 +28,7 @@ class Settings:
     api_key: str = ""  # empty: no authentication
     warmup: bool = True
     strict_readiness: bool = True  # ready only when every checkpoint folder loaded
+    trim_memory_s: float = 5.0  # give freed memory back to the OS this often (0: never)
     keep_alive_s: float = 75.0  # longer than clients' idle expiry (httpx 5 s): no reuse race
     drain_delay_s: float = 1.0  # after SIGTERM, keep accepting (readiness 503) this long
     graceful_timeout_s: float = 60.0  # after SIGTERM, longest wait for requests in flight
@@ -63,6 +64,8 @@ HELP = {
     "api_key": "require this key (Authorization: Bearer or X-API-Key) on /v1 and /v2/models",
     "warmup": "run each batch-size bucket once before reporting ready",
     "strict_readiness": "ready only when every model folder loaded (false: when one did)",
+    "trim_memory_s": "give freed native memory back to the OS (glibc malloc_trim) every this "
+                     "many seconds; 0: never",
     "keep_alive_s": "close an idle keep-alive connection after this long (longer than the "
                     "clients' and load balancers' idle timeouts, so they close first)",
     "drain_delay_s": "after SIGTERM, keep accepting connections (readiness 503) this long",

@@ -161,3 +161,20 @@ def test_idle_keep_alive_connections_outlive_the_clients_idle_expiry(weights):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_the_server_gives_freed_memory_back_every_trim_memory_s(weights, monkeypatch):
+    import service.memory
+    from tests.service_helpers import make_client
+    calls = []
+    monkeypatch.setattr(service.memory, "malloc_trim", lambda: calls.append(time.monotonic()))
+    with make_client(weights, trim_memory_s=0.05) as c:
+        wait_ready(c.get)
+        time.sleep(0.3)
+    assert len(calls) >= 3
+    calls.clear()
+    with make_client(weights, trim_memory_s=0) as c:
+        wait_ready(c.get)
+        time.sleep(0.2)
+    assert calls == []
+    assert service.memory._libc() is not None  # glibc (Debian, the Docker image) has malloc_trim
