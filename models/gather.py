@@ -26,8 +26,8 @@ def conv1x1_gathered(x: torch.Tensor, weight: torch.Tensor, index: torch.Tensor,
     """1x1 convolution of x (B, n, H, W) holding input channels `index` (B, n) of `weight` (O, C).
 
     `bias` is (O,) or per sample (B, O). `index` None reads every channel in order; an index
-    of one row is shared by the whole batch. One sample or a shared index runs as a plain
-    convolution, a batch as bmm.
+    of one row is shared by the whole batch. One sample or a shared index runs as one matrix
+    product with one gathered weight, a batch as bmm.
     """
     b, n, h, w = x.shape
     if index is None:
