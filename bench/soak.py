@@ -223,6 +223,7 @@ def main() -> None:
         "requests": len(log), "by_status": dict(Counter(s for *_, s in log)),
         "unexpected": unexpected,
         "server_errors": sum(n for (_, s), n in statuses.items() if s.startswith("5")),
+        "shed": sum(n for (_, s), n in statuses.items() if s == "503"),  # queue full: Retry-After
         "timeouts": statuses.get(("good", "timeout"), 0),
         "client_lag_max_s": round(lag, 3),  # > 0.1: the client, not the server, set the pace
         "rss_first_window_mib": first, "rss_last_window_mib": last,

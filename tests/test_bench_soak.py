@@ -1,5 +1,6 @@
 """bench/soak.py end to end, briefly: the shipped weights under the mixed load, every answer
-accounted for (the bad requests' 4xx expected, nothing else), memory sampled."""
+accounted for (the bad requests' 4xx expected, load shed with 503 allowed, nothing else), memory
+sampled."""
 
 import json
 import os
@@ -13,10 +14,12 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_soak_reports_statuses_latency_and_memory(tmp_path):
     out = tmp_path / "soak.json"
     subprocess.run([sys.executable, str(ROOT / "bench" / "soak.py"), "--minutes", "0.2", "--probe", "3",
-                    "--window", "4", "--seed", "3", "--json", str(out)],
+                    "--window", "4", "--seed", "3", "--load", "0.5", "--json", str(out)],
                    check=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     report = json.loads(out.read_text())
     assert report["requests"] > 20 and report["by_status"]["200"] > 0
-    assert report["unexpected"] == {} and report["server_errors"] == 0 and report["timeouts"] == 0
+    # a busy CI machine may make the server shed load (503 + Retry-After); nothing else may differ
+    assert set(report["unexpected"]) <= {"good->503"} and report["timeouts"] == 0
+    assert report["server_errors"] == report["shed"] == report["unexpected"].get("good->503", 0)
     assert len(report["windows"]) == 3 and all(w["rss_mib"] > 0 for w in report["windows"])
     assert sum(w["requests"] for w in report["windows"]) == report["requests"]
