@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_soak_reports_statuses_latency_and_memory(tmp_path):
     out = tmp_path / "soak.json"
     subprocess.run([sys.executable, str(ROOT / "bench" / "soak.py"), "--minutes", "0.2", "--probe", "3",
-                    "--window", "4", "--seed", "3", "--load", "0.5", "--json", str(out)],
+                    "--window", "4", "--seed", "3", "--load", "0.5", "--warmup", "0.05", "--json", str(out)],
                    check=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     report = json.loads(out.read_text())
     assert report["requests"] > 20 and report["by_status"]["200"] > 0

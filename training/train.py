@@ -191,11 +191,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> GatedNetwork:
         if done:  # resuming within the epoch
             budget_rng.set_state(generators["budget"])
             augment_rng.set_state(generators["augment"])
-        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not ranks.main,
-                   dynamic_ncols=True, mininterval=1.0, initial=done)
-        for n, index in enumerate(bar, 1):
-            if n <= done:
-                continue
+        bar = tqdm(batches[done:], desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not ranks.main,
+                   dynamic_ncols=True, mininterval=1.0, initial=done, total=len(batches))
+        for n, index in enumerate(bar, done + 1):
             index = index.to(device)
             x = augment(images[index], augment_rng, cfg.translate, None if flips is None else flips[index],
                         cfg.reflect)
