@@ -45,7 +45,9 @@ WORKDIR /app
 # Baked-in weights (one sub-folder per model); mount another folder over /app/weights to
 # serve other ones. The folder may hold no checkpoint: the server then never gets ready.
 COPY --from=weights /weights/ /app/weights/
+# MALLOC_ARENA_MAX=2: fewer glibc arenas keep less freed memory (as in bench/soak.py's runs)
 ENV PATH=/opt/venv/bin:$PATH \
+    MALLOC_ARENA_MAX=2 \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     HOME=/tmp \

@@ -232,7 +232,7 @@ def main() -> None:
         "shed": sum(n for (_, s), n in statuses.items() if s == "503"),  # queue full: Retry-After
         "timeouts": statuses.get(("good", "timeout"), 0),
         "client_lag_max_s": round(max(lag, warm_lag), 3),  # > 0.1: the client set the pace
-        "rss_warmup_start_mib": warm_memory[0][1] if warm_memory else None,
+        "rss_warmup_start_mib": round(warm_memory[0][1], 1) if warm_memory else None,
         "rss_first_window_mib": first, "rss_last_window_mib": last,
         "rss_growth": round(last / first - 1, 4), "windows": rows,
     }

@@ -59,7 +59,7 @@ class CompactExecutor:
         state = {"x": x}
         if per_sample and x.shape[0] > 1:
             logits, masks = self._split(state, plan, 0, None, torch.arange(x.shape[0]))
-        elif x.shape[0] > UNION_BATCH and policy == "threshold" and any(s.zero for s in self.steps):
+        elif x.shape[0] > UNION_BATCH and any(self._unites(s, policy) for s in self.steps):
             chunks = torch.arange(x.shape[0], device=x.device) // UNION_BATCH
             logits, masks = self._split(state, plan, 0, None, chunks)
         else:
@@ -68,6 +68,11 @@ class CompactExecutor:
             return logits
         return logits, ForwardInfo(plan, masks, [], self.model.macs(masks, *x.shape[-2:], batch=x.shape[0]))
 
+    @staticmethod
+    def _unites(step: Step, policy: str) -> bool:
+        """Whether `step` runs a batch's union of kept channels (threshold, a step that can zero)."""
+        return step.zero is not None and policy == "threshold"
+
     def _execute(self, state: State, plan: BudgetPlan, pos: int, keep: torch.Tensor | None):
         masks = []
         for i in range(pos, len(self.steps)):
@@ -75,7 +80,7 @@ class CompactExecutor:
             if step.gate is not None:
                 if keep is None:
                     keep = plan.select(step.gated_index, step.gate(state), step.groups)
-                    if keep.shape[0] > 1 and step.zero is not None and plan.policy == "threshold":
+                    if keep.shape[0] > 1 and self._unites(step, plan.policy):
                         union = keep.any(0, keepdim=True)
                         state = step.zero(step.apply(state, union), keep[:, union[0]])
                         masks.append(union.expand_as(keep))
