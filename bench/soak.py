@@ -97,11 +97,15 @@ class Mix:
 
 async def send(client: httpx.AsyncClient, kind: str, request: dict, log: list,
                due: float | None = None) -> None:
-    """POST one request; log (due time, seconds to the answer, kind, status). A request sent
-    after its due time (the client running behind) counts the lag in its time."""
+    """POST one request; log (due time, seconds to the answer, kind, status; a 503 with its
+    reason: queue_full or deadline). A request sent after its due time (the client running
+    behind) counts the lag in its time."""
     start = time.perf_counter() if due is None else due
     try:
-        status = str((await client.post(**request)).status_code)
+        response = await client.post(**request)
+        status = str(response.status_code)
+        if status == "503":
+            status += " " + response.json().get("reason", "unknown")
     except httpx.TimeoutException:
         status = "timeout"
     except httpx.TransportError as e:
@@ -229,7 +233,7 @@ def main() -> None:
         "requests": len(log), "by_status": dict(Counter(s for *_, s in warm_log + log)),
         "unexpected": unexpected,
         "server_errors": sum(n for (_, s), n in statuses.items() if s.startswith("5")),
-        "shed": sum(n for (_, s), n in statuses.items() if s == "503"),  # queue full: Retry-After
+        "shed": sum(n for (_, s), n in statuses.items() if s.startswith("503")),  # Retry-After
         "timeouts": statuses.get(("good", "timeout"), 0),
         "client_lag_max_s": round(max(lag, warm_lag), 3),  # > 0.1: the client set the pace
         "rss_warmup_start_mib": round(warm_memory[0][1], 1) if warm_memory else None,
