@@ -1,9 +1,11 @@
-"""bench/skip_speed.py on the shipped models and bench/train_step.py, run as a user runs them
+"""bench/skip_speed.py and bench/shipped_models.py on the shipped models and bench/train_step.py,
+run as a user runs them
 (tiny sizes: these check that the scripts work and report what they claim, not speed)."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +32,23 @@ def test_skip_speed_compares_budgets_with_the_dense_baseline(tmp_path):
     assert half["mac_ratio"] <= 0.5 + 1e-6  # topk: never above the budget
     dense = [r for r in rows if r["model"] == "weights/fastnet"]
     assert min(r["vs_baseline"] for r in dense) == 1.0  # against its fastest dtype
+
+
+def test_shipped_models_table_joins_the_evaluations_with_latency_measured_here(tmp_path):
+    for name in ("acs_fastnet", "fastnet"):
+        shutil.copytree(ROOT / "weights" / name, tmp_path / "weights" / name)
+    out = tmp_path / "shipped.json"
+    run("shipped_models.py", "--weights", str(tmp_path / "weights"), "--repeat", "1", "--warmup", "0",
+        "--json", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    gated = [r for r in rows if r["model"] == "acs_fastnet"]
+    assert [r["budget"] for r in gated] == [1.0, 0.75, 0.5, 0.25, "floor"]
+    manifest = json.loads((ROOT / "weights" / "acs_fastnet" / "manifest.json").read_text())
+    half = next(r for r in manifest["accuracy"] if r["policy"] == "threshold" and r["budget"] == 0.5)
+    assert gated[2]["top1"] == half["top1"] and gated[2]["mac_ratio"] == half["ratio_mean"]
+    assert gated[4]["mac_ratio"] < 0.01 and all(r["batch1_ms"] > 0 and r["batch32_ms"] > 0 for r in rows)
+    dense = [r for r in rows if r["model"] == "fastnet"]
+    assert [r["budget"] for r in dense] == [1.0] and "min" in dense[0]["training"]
 
 
 def test_train_step_times_both_precisions(tmp_path):
