@@ -11,7 +11,8 @@ from tests.conftest import randomize_bn
 from tests.dynamic_helpers import assert_compact_matches, fvcore_macs
 from tests.test_training import tiny_config, write_folders
 from training.recipe import Lookahead, lr_factor, make_optimizer
-from training.state import CHECKPOINT, read_progress
+from training.cli import main
+from training.state import CHECKPOINT, init_weights, load_trained, read_progress
 from training.train import train
 
 TINY = {"widths": [16, 32, 32], "block": 16, "gate": "cheap"}
@@ -214,6 +215,18 @@ def test_fast_recipe_then_gates_from_the_dense_run(folders, tmp_path):
     assert all(0.0 < h["ratio"] < 1.0 for h in history)
     gaps = [abs(h["ratio"] - h["target"]) for h in history]
     assert gaps[-1] < gaps[0] or gaps[-1] < 0.1
+
+    # the dense run's exported folder serves as well (run folders may be lost; weights/ ships)
+    exported = tmp_path / "weights" / "dense"
+    assert main(["calibrate", "--run", str(dense_run)]) == 0
+    assert main(["export", "--run", str(dense_run), "--out", str(exported)]) == 0
+    classes = dense.config.num_classes
+    from_run, from_export = acs_fastnet(classes, **TINY), acs_fastnet(classes, **TINY)
+    assert init_weights(from_run, dense_run) == init_weights(from_export, exported) != []
+    a, b = from_run.state_dict(), from_export.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a if "gate" not in k)
+    teacher = load_trained(exported)
+    assert not teacher.training and torch.equal(teacher.whiten.weight, dense.whiten.weight.cpu())
 
 
 def test_fast_recipe_resumes_with_identical_state(folders, tmp_path, monkeypatch):

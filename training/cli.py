@@ -81,8 +81,10 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
     a("--translate", type=int, help="random translation in pixels (default 4)")
     a("--lookahead", action="store_true", help="lookahead weight averaging (on in the fast recipe)")
     a("--flip", choices=("random", "alternate"))
-    a("--init-from", help="start from a trained run's weights (a gated network from its dense baseline)")
-    a("--teacher", help="a trained run to distill from (per-sample budget schedule)")
+    a("--init-from", help="start from a trained run's weights (a gated network from its dense "
+      "baseline): its run folder or its exported checkpoint folder (weights/<name>)")
+    a("--teacher", help="a trained run (or exported checkpoint folder) to distill from "
+      "(per-sample budget schedule)")
     a("--budget-schedule", choices=("sandwich", "per-sample"),
       help="sandwich (default): full, floor and random-budget passes a step; per-sample: one pass, "
            "a budget per image")

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from models.base import GatedNetwork
 from models.budget import CalibrationTable
+from models.checkpoint import MANIFEST, load_checkpoint
 from models.registry import build_model
 
 CONFIG = "config.json"
@@ -95,11 +96,20 @@ def read_tensors(run: Path, group: str) -> dict[str, torch.Tensor]:
     return {k[len(prefix):]: v for k, v in load_file(run / CHECKPOINT).items() if k.startswith(prefix)}
 
 
+def is_exported(folder: Path) -> bool:
+    """A checkpoint folder written by `acs-train export` (weights/<name>), not a run folder."""
+    return (folder / MANIFEST).is_file() and not (folder / CHECKPOINT).is_file()
+
+
 def init_weights(model: torch.nn.Module, run: Path) -> list[str]:
     """Start a model from a trained run's weights, e.g. a gated network from its dense
-    baseline: every tensor of the run must fit the model; returns the model's tensors the
-    run does not have (the gates), which keep their initialization."""
-    source = {k[6:]: v for k, v in load_file(run / CHECKPOINT).items() if k.startswith("model.")}
+    baseline (a run folder, or its exported checkpoint folder, which outlives run folders):
+    every tensor of the source must fit the model; returns the model's tensors the source
+    does not have (the gates), which keep their initialization."""
+    if is_exported(run):
+        source = load_checkpoint(run).model.state_dict()
+    else:
+        source = {k[6:]: v for k, v in load_file(run / CHECKPOINT).items() if k.startswith("model.")}
     own = model.state_dict()
     misfits = sorted(k for k, v in source.items() if k not in own or own[k].shape != v.shape)
     if misfits:
@@ -147,7 +157,9 @@ def read_config(run: Path) -> dict:
 
 def load_trained(run: Path, calibrated: bool = True) -> GatedNetwork:
     """The run's trained model (eval mode, CPU), with its calibration table and re-estimated
-    BN statistics if there are any."""
+    BN statistics if there are any; or the model of an exported checkpoint folder."""
+    if is_exported(run):
+        return load_checkpoint(run).model.eval()
     config = read_config(run)
     model = build_model(config["architecture"], config["model"])
     load_state(run, model)
