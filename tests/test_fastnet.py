@@ -10,8 +10,8 @@ from models.registry import compact
 from tests.conftest import randomize_bn
 from tests.dynamic_helpers import assert_compact_matches, fvcore_macs
 from tests.test_training import tiny_config, write_folders
-from training.recipe import Lookahead, lr_factor, make_optimizer
 from training.cli import main
+from training.recipe import Lookahead, lr_factor, make_optimizer
 from training.state import CHECKPOINT, init_weights, load_trained, read_progress
 from training.train import train
 
