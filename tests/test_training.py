@@ -354,6 +354,7 @@ def test_cli_smoke_prepare_train_calibrate_evaluate_export_load_predict(folders,
     assert (train["run"], train["cache"]) == ("smoke", "cache.safetensors")  # no machine paths
     card = (out / "README.md").read_text()
     assert "| threshold | 0.5 |" in card and PLOT in card
+    assert "the 2 epochs' clocks sum to" in card and "train " in card  # logged and epoch clocks
     assert main(["precision", "--weights", str(out), "--data", str(cache), "--budgets", "1.0", "0.5",
                  "--policies", "threshold", "cap"]) == 0
     measured = read_manifest(out)["dtypes"]["bfloat16"]

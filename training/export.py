@@ -92,13 +92,17 @@ def calibration(model) -> str:
     return f"{model.table.source} on {model.table.extra.get('images')} calibration images"
 
 
-def wall_time(config: dict) -> str:
-    """Wall time of each logged command and the hardware it ran on."""
+def wall_time(config: dict, history: list[dict]) -> str:
+    """Wall time of each logged command and the hardware it ran on, and the sum of the epochs'
+    clocks (kept in the checkpoint: they count a train command that was stopped and resumed,
+    which leaves no log entry)."""
     log = config.get("log", [])
+    epochs = sum(e.get("seconds", 0.0) for e in history) / 60
+    clocks = f"; the {len(history)} epochs' clocks sum to {epochs:.1f} min" if history else ""
     if not log:
-        return "not logged"
+        return "commands not logged" + clocks
     parts = [f"{e['command'].split()[1]} {e['seconds'] / 60:.1f} min" for e in log]
-    return f"{', '.join(parts)} ({log[-1]['hardware']})"
+    return f"{', '.join(parts)} ({log[-1]['hardware']}){clocks}"
 
 
 def model_card(name: str, config: dict, progress: dict, model, result: dict | None) -> str:
@@ -118,7 +122,7 @@ def model_card(name: str, config: dict, progress: dict, model, result: dict | No
         f"{progress['step']} steps, batch {train['batch_size']}, lr {train['lr']}, "
         f"{schedule(train, model.gated)}; "
         f"cost weight {train['cost_weight']}, DGConv weight {train['dg_weight']}, seed {train['seed']} |",
-        f"| wall time | {wall_time(config)} |",
+        f"| wall time | {wall_time(config, progress['history'])} |",
         f"| last epoch | {json.dumps(last)} |",
         f"| calibration | {calibration(model)} |",
     ]
