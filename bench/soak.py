@@ -223,14 +223,15 @@ def main() -> None:
     for row in rows:
         print(f"{row['start_s']:6.0f}s  {row['requests']:6d} requests  p50 {row['p50_ms']} ms  "
               f"p99 {row['p99_ms']} ms  rss {row['rss_mib']} MiB  {row['statuses']}")
-    statuses = Counter((k, s) for *_, k, s in warm_log + log)
+    answers = warm_log + log  # every answer counts, the warm-up's too
+    statuses = Counter((k, s) for *_, k, s in answers)
     unexpected = {f"{k}->{s}": n for (k, s), n in statuses.items()
                   if not (s == "200" and k == "good") and s != k}
     first, last = rows[0]["rss_mib"], rows[-1]["rss_mib"]
     summary = {
         "capacity_per_s": round(measured, 2), "rate_per_s": round(rate, 2), "minutes": args.minutes,
         "warmup_minutes": args.warmup, "warmup_requests": len(warm_log),
-        "requests": len(log), "by_status": dict(Counter(s for *_, s in warm_log + log)),
+        "requests": len(log), "by_status": dict(Counter(s for *_, s in answers)),
         "unexpected": unexpected,
         "server_errors": sum(n for (_, s), n in statuses.items() if s.startswith("5")),
         "shed": sum(n for (_, s), n in statuses.items() if s.startswith("503")),  # Retry-After
