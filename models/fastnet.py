@@ -161,30 +161,29 @@ class FastNet(GatedNetwork):
         return out
 
     def macs(self, masks: list[torch.Tensor], height: int, width: int, batch: int = 1) -> Cost:
+        """Executed MACs as one product of kept widths per layer (a few tensor ops at any batch)."""
         cfg = self.config
         batch = masks[0].shape[0] if masks else batch
         device = masks[0].device if masks else None
         kept = kept_counts(masks, batch, device)
-        channels = kept * cfg.block if masks else None
-        whiten = self.whiten.out_channels
-        dense = (height - WHITEN_KERNEL + 1) * (width - WHITEN_KERNEL + 1) * whiten * 3 * WHITEN_KERNEL**2
-        executed = torch.full((batch,), dense, dtype=torch.long, device=device)
+        widths = [norm.num_features for norm in self.norms]
+        cin_dense = [self.whiten.out_channels, *widths[:-1]]
+        sizes = self.sizes(height, width)
+        per_pixel = [9 * h * w for h, w in sizes]
+        stem_pixels = (height - WHITEN_KERNEL + 1) * (width - WHITEN_KERNEL + 1)
+        stem = stem_pixels * cin_dense[0] * 3 * WHITEN_KERNEL**2
+        dense = stem + sum(p * i * o for p, i, o in zip(per_pixel, cin_dense, widths, strict=True))
+        dense += widths[-1] * cfg.num_classes
+        cout = kept * cfg.block if masks else torch.tensor(widths, device=device).expand(batch, -1)
+        cin = torch.cat([cout.new_full((batch, 1), cin_dense[0]), cout[:, :-1]], 1)
+        executed = (cin * cout * torch.tensor(per_pixel, device=device)).sum(1)
+        executed += stem + cout[:, -1] * cfg.num_classes
         gates = torch.zeros_like(executed)
-        cin_dense, cin = whiten, torch.full_like(executed, whiten)
-        for i, ((h, w), norm) in enumerate(zip(self.sizes(height, width), self.norms, strict=True)):
-            cout_dense = norm.num_features
-            cout = channels[:, i] if masks else torch.full_like(executed, cout_dense)
-            dense += h * w * 9 * cin_dense * cout_dense
-            executed += h * w * 9 * cin * cout
-            if self.gates is not None:
-                gate = self.gates[i]
-                offset = gate.macs(0, h, w)  # a gate reads its convolution's input, of the same size
-                g = offset + (gate.macs(1, h, w) - offset) * cin
-                gates += g
-                executed += g
-            cin_dense, cin = cout_dense, cout
-        dense += cin_dense * cfg.num_classes
-        executed += cin * cfg.num_classes
+        if self.gates is not None:
+            offsets = [g.macs(0, h, w) for g, (h, w) in zip(self.gates, sizes, strict=True)]
+            slopes = [g.macs(1, h, w) - o for g, (h, w), o in zip(self.gates, sizes, offsets, strict=True)]
+            gates = sum(offsets) + (cin * torch.tensor(slopes, device=device)).sum(1)
+            executed += gates
         return Cost(dense, executed, gates, kept, self.gated_totals())
 
 

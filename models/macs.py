@@ -59,5 +59,5 @@ def kept_counts(masks: list[torch.Tensor], batch: int, device=None) -> torch.Ten
     if not masks:
         return torch.zeros(batch, 0, dtype=torch.long, device=device)
     if all(m.shape == masks[0].shape for m in masks):
-        return (torch.stack(masks, 1) > 0).sum(2)
-    return torch.stack([(m > 0).sum(1) for m in masks], 1)
+        return torch.stack(masks, 1).count_nonzero(2)
+    return torch.stack([m.count_nonzero(1) for m in masks], 1)
