@@ -1,11 +1,12 @@
 """acs-serve against peer servers (LitServe, TorchServe): same model, same machine, same load.
 
-Every server serves the same dense DenseNet-40 checkpoint (freshly initialized: timings only, no
-accuracy), with one torch thread, one inference worker, the same largest batch and the same batch
-delay (how long a batch may wait to fill: acs-serve --max-queue-delay-ms, LitServe batch_timeout,
-TorchServe maxBatchDelay). acs-serve also serves ACS DenseNet-40 with cheap gates at budgets 1.0
-and 0.5 (policy topk). The peers decode and preprocess exactly as acs-serve does
-(service/imaging) and run the plain PyTorch module; acs-serve runs its compact executor.
+Every server serves the same dense checkpoint (--dense, the shipped `fastnet` by default) in the
+same precision (the one acs-serve's dtype=auto picks for it), with one torch thread, one
+inference worker, the same largest batch and the same batch delay (how long a batch may wait to
+fill: acs-serve --max-queue-delay-ms, LitServe batch_timeout, TorchServe maxBatchDelay).
+acs-serve also serves the ACS model (--acs, the shipped default `acs_fastnet`) at --budgets
+1.0 and 0.5 under --policy (threshold). The peers decode and preprocess exactly as acs-serve
+does (service/imaging) and run the plain PyTorch module; acs-serve runs its compact executor.
 
 Servers run one at a time, each logging warnings only. Each is driven by `hey` (a closed loop of
 --concurrency clients, each posting one 32x32 PNG as a raw image/png body) for --duration seconds
@@ -17,6 +18,7 @@ Against the best peer (highest req/s at the same concurrency) the goal is met wh
 ratio reaches GOALS[budget] with a p99 no worse than the peer's.
 
     OMP_NUM_THREADS=1 python bench/peers.py --json peers.json --plot peers.png
+    OMP_NUM_THREADS=1 python bench/peers.py --dense densenet40 --acs acs_densenet40 --budgets 1.0 0.5
     OMP_NUM_THREADS=1 python bench/peers.py --peers litserve --duration 3 --concurrency 1 4
 
 Needs `hey` (apt-get install hey); a peer that is not installed (pip install litserve
@@ -45,7 +47,6 @@ import torch
 from common import (
     fmt,
     free_port,
-    make_weights,
     png_bytes,
     round_robin_ms,
     start_acs_serve,
@@ -56,14 +57,14 @@ from load_clients import hey_closed_loop
 from peer_servers.classifier import Classifier
 
 from models.checkpoint import load_checkpoint
+from models.precision import serving_dtype
 from models.registry import compact
 
 PEER_DIR = Path(__file__).resolve().parent / "peer_servers"
 
-DENSE, ACS = "densenet40", "acs_densenet40_cheap"
+WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
 PEERS = ("litserve", "torchserve")
-GOALS = {1.0: 1.0, 0.5: 1.5}  # budget -> throughput over the best peer's, at no worse p99
-POLICY = "topk"
+GOALS = {1.0: 1.1, 0.5: 1.5}  # budget -> throughput over the best peer's, at no worse p99
 
 
 @dataclass
@@ -147,17 +148,17 @@ def start_torchserve(weights: Path, args) -> Callable:
         store = folder / "store"
         store.mkdir()
         extra = [PEER_DIR / "classifier.py", weights / "manifest.json", weights / "model.safetensors"]
-        subprocess.run(["torch-model-archiver", "--model-name", DENSE, "--version", "1.0",
+        subprocess.run(["torch-model-archiver", "--model-name", args.dense, "--version", "1.0",
                         "--handler", str(PEER_DIR / "torchserve_handler.py"),
                         "--extra-files", ",".join(map(str, extra)), "--export-path", str(store)],
                        check=True, timeout=120, stdout=log, stderr=subprocess.STDOUT)
-        models = {DENSE: {"1.0": {"defaultVersion": True, "marName": f"{DENSE}.mar",
+        models = {args.dense: {"1.0": {"defaultVersion": True, "marName": f"{args.dense}.mar",
                                   "minWorkers": 1, "maxWorkers": 1,
                                   "batchSize": args.max_batch_size,
                                   "maxBatchDelay": args.batch_delay_ms, "responseTimeout": 120}}}
         config = folder / "config.properties"
         config.write_text(TORCHSERVE_CONFIG.format(
-            port=port, management=free_port(), metrics=free_port(), store=store, model=DENSE,
+            port=port, management=free_port(), metrics=free_port(), store=store, model=args.dense,
             models=json.dumps(models)))
         (folder / "log4j2.xml").write_text(TORCHSERVE_LOG4J2)
         # TMPDIR: torchserve keeps its pid file there; a private one keeps runs apart
@@ -181,7 +182,7 @@ def missing(peer: str) -> str | None:
 
 def ours(args) -> list[tuple[str, float]]:
     """(model, budget) pairs acs-serve is measured on."""
-    return [(DENSE, 1.0)] + [(ACS, b) for b in args.budgets]
+    return [(args.dense, 1.0)] + [(args.acs, b) for b in args.budgets]
 
 
 def servers(weights: Path, args, skipped: dict) -> list[Server]:
@@ -190,10 +191,10 @@ def servers(weights: Path, args, skipped: dict) -> list[Server]:
         return start_acs_serve(weights, port, args.threads, args.max_batch_size, log=log,
                                extra=("--max-queue-delay-ms", str(args.batch_delay_ms)))
 
-    out = [Server("acs-serve", acs, [Target(m, b, f"/v1/models/{m}/predict?budget={b}&policy={POLICY}")
+    out = [Server("acs-serve", acs, [Target(m, b, f"/v1/models/{m}/predict?budget={b}&policy={args.policy}")
                                      for m, b in ours(args)], group=False)]
     paths = {"litserve": (start_litserve, "/predict"),
-             "torchserve": (start_torchserve, f"/predictions/{DENSE}")}
+             "torchserve": (start_torchserve, f"/predictions/{args.dense}")}
     for name in args.peers:
         reason = missing(name)
         if reason:
@@ -201,7 +202,7 @@ def servers(weights: Path, args, skipped: dict) -> list[Server]:
             skipped[name] = reason
             continue
         factory, path = paths[name]
-        out.append(Server(name, factory(weights / DENSE, args), [Target(DENSE, 1.0, path)],
+        out.append(Server(name, factory(weights / args.dense, args), [Target(args.dense, 1.0, path)],
                           group=True))
     return out
 
@@ -209,13 +210,16 @@ def servers(weights: Path, args, skipped: dict) -> list[Server]:
 def bare_ms(weights: Path, image: bytes, args) -> dict:
     """In this process, round-robin: median ms of preprocessing the image ("preprocess") and of
     each server's model call on it ((acs-serve or peer, model, budget))."""
-    peer = Classifier(weights / DENSE, args.threads)  # the peers' code path
+    peer = Classifier(weights / args.dense, args.threads)  # the peers' code path
     x = peer.preprocess(image)[None]
-    calls = {"preprocess": lambda: peer.preprocess(image), ("peer", DENSE, 1.0): lambda: peer.predict(x)}
-    executors = {model: compact(load_checkpoint(weights / model).model) for model, _ in ours(args)}
+    calls = {"preprocess": lambda: peer.preprocess(image),
+             ("peer", args.dense, 1.0): lambda: peer.predict(x)}
     for model, budget in ours(args):
+        checkpoint = load_checkpoint(weights / model)
+        dtype = serving_dtype("auto", torch.device("cpu"), checkpoint.manifest)  # as served
+        executor, xd = compact(checkpoint.model.to(dtype)), x.to(dtype)
         calls[("acs-serve", model, budget)] = (
-            lambda e=executors[model], b=budget: torch.softmax(e(x, budget=b, policy=POLICY), 1))
+            lambda e=executor, xd=xd, b=budget: torch.softmax(e(xd, budget=b, policy=args.policy), 1))
     return round_robin_ms(calls)
 
 
@@ -339,7 +343,7 @@ def plot(rows: list[dict], path: str) -> None:
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("p99 latency (ms, log scale)")
     ax.set_ylabel("throughput (requests/s)")
-    ax.set_title("DenseNet-40 on the CPU, closed loop (hey)")
+    ax.set_title("On the CPU, closed loop (hey)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.savefig(path, dpi=120)
@@ -379,9 +383,10 @@ def run(args) -> dict:
     rows, skipped = [], {}
     with tempfile.TemporaryDirectory(prefix="acs-peers-") as tmp:
         tmp = Path(tmp)
-        weights = tmp / "weights"
-        make_weights(weights, DENSE, factory="densenet40")
-        make_weights(weights, ACS, gate="cheap")
+        weights = tmp / "weights"  # only the two models, so acs-serve loads nothing else
+        weights.mkdir()
+        for model in dict.fromkeys((args.dense, args.acs)):
+            (weights / model).symlink_to((args.weights / model).resolve(), target_is_directory=True)
         body = tmp / "body.png"
         body.write_bytes(image)
         bare = bare_ms(weights, image, args)
@@ -395,12 +400,11 @@ def run(args) -> dict:
     meta = {"cpus": os.cpu_count(), "loadavg_before": [round(v, 2) for v in args.loadavg_before],
             "loadavg_after": [round(v, 2) for v in os.getloadavg()], "versions": versions(),
             "threads": args.threads, "max_batch_size": args.max_batch_size,
-            "batch_delay_ms": args.batch_delay_ms, "batching": batching(args), "policy": POLICY,
+            "batch_delay_ms": args.batch_delay_ms, "batching": batching(args), "policy": args.policy,
             "budgets": args.budgets,
             "concurrency": args.concurrency, "duration_s": args.duration, "warmup_s": args.warmup,
             "load_generator": "hey (closed loop, keep-alive, raw image/png body)",
-            "weights": "random weights (freshly initialized, same checkpoint for every server): "
-                       "timings only",
+            "weights": f"{args.weights}: {args.dense} (every server), {args.acs} (acs-serve)",
             "peer_model": "eager torch module, eval, no_grad; acs-serve: compact executor",
             "skipped": skipped}
     return {"meta": meta, "rows": rows, "where_time_goes": where_time_goes(rows, bare),
@@ -410,6 +414,10 @@ def run(args) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--peers", nargs="*", choices=PEERS, default=list(PEERS))
+    parser.add_argument("--weights", type=Path, default=WEIGHTS, help="checkpoint folders")
+    parser.add_argument("--dense", default="fastnet", help="the dense model every server serves")
+    parser.add_argument("--acs", default="acs_fastnet", help="the ACS model acs-serve also serves")
+    parser.add_argument("--policy", default="threshold", choices=["threshold", "topk", "cap"])
     parser.add_argument("--budgets", nargs="+", type=float, default=[1.0, 0.5],
                         help="budgets for the ACS model (the dense one runs at 1.0)")
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32])

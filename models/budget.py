@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, fields
 
+import numpy as np
 import torch
 
 POLICIES = ("threshold", "topk", "cap")
@@ -51,31 +52,25 @@ class CalibrationTable:
         """Effective budget: the request's budget clamped to [floor, 1]."""
         return budget.clamp(min=self.floor, max=1.0)
 
-    def _tensors(self, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(budgets, taus, counts) as tensors on a device, built once per device."""
+    def _tensors(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(budgets, counts) as tensors on a device, built once per device."""
         cache = self.__dict__.setdefault("_cache", {})
         if device not in cache:
             cache[device] = (torch.tensor(self.budgets, dtype=torch.float64, device=device),
-                             torch.tensor(self.taus, dtype=torch.float64, device=device),
                              torch.tensor(self.counts, dtype=torch.long, device=device))
         return cache[device]
 
     def tau(self, budget: torch.Tensor) -> torch.Tensor:
-        """Threshold for each (effective) budget, interpolated linearly between grid points."""
-        grid, taus, _ = self._tensors(torch.device("cpu"))
-        b = budget.double().cpu().clamp(grid[0], grid[-1])
-        hi = torch.searchsorted(grid, b).clamp(1, len(grid) - 1) if len(grid) > 1 else None
-        if hi is None:
-            return taus.expand_as(b).float().to(budget.device)
-        lo = hi - 1
-        w = (b - grid[lo]) / (grid[hi] - grid[lo])
-        return (taus[lo] + w * (taus[hi] - taus[lo])).float().to(budget.device)
+        """Threshold for each (effective) budget, interpolated linearly between grid points
+        (clamped to the grid's ends)."""
+        taus = np.interp(budget.double().cpu().numpy(), self.budgets, self.taus)
+        return torch.from_numpy(taus).float().to(budget.device)
 
     def layer_counts(self, budget: torch.Tensor) -> torch.Tensor:
         """Per-layer counts (B, L) of the largest grid budget <= each budget (cost <= b).
 
         The tolerance absorbs float32 rounding (0.7 arrives as 0.69999999)."""
-        grid, _, counts = self._tensors(budget.device)
+        grid, counts = self._tensors(budget.device)
         rows = (torch.searchsorted(grid, budget.double() + 1e-6, right=True) - 1).clamp(min=0)
         return counts[rows]
 
@@ -96,7 +91,7 @@ def as_budget(budget: float | torch.Tensor | None, batch: int, device: torch.dev
         b = b.expand(batch)
     if b.numel() != batch:
         raise ValueError(f"got {b.numel()} budgets for a batch of {batch}")
-    if not torch.isfinite(b).all() or (b < 0).any() or (b > 1).any():
+    if not ((b >= 0) & (b <= 1)).all():  # NaN fails both
         raise ValueError("budget must be a finite number in [0, 1]")
     return b
 

@@ -60,10 +60,11 @@ class CompactFastNet(CompactExecutor):
 
     def _layer(self, i: int):
         weight, bias = self.folded[i]
+        channels = torch.arange(weight.shape[0], device=weight.device).view(-1, self.block)
 
         def apply(state: State, keep) -> State:
             blocks = None if keep is None else kept_blocks(keep)
-            rows = None if blocks is None else block_channels(blocks, self.block)
+            rows = None if blocks is None else block_channels(blocks, channels)
             h = conv3x3_gathered(state["h"], weight, bias, self.block, rows, state["blocks"])
             if i % 2 == 0:
                 h = max_pool2x2(h)

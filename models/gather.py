@@ -93,10 +93,10 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pad
     return F.conv2d(x, weight, bias, padding=padding, groups=groups)
 
 
-def block_channels(blocks: torch.Tensor, block: int) -> torch.Tensor:
-    """(B, k * block) channel indices of the channel blocks (B, k) of `block` channels each."""
-    offsets = torch.arange(block, device=blocks.device)
-    return (blocks[..., None] * block + offsets).view(blocks.shape[0], -1)
+def block_channels(blocks: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """(B, k * block) channel indices of the channel blocks (B, k), from `table` (blocks,
+    block): row i holds block i's channel indices (one gather instead of arithmetic)."""
+    return table.index_select(0, blocks.reshape(-1)).view(blocks.shape[0], -1)
 
 
 def conv3x3_gathered(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, block: int,

@@ -1,5 +1,6 @@
 """Our checkpoint as the peer servers run it: decode and preprocess exactly as acs-serve does
-(service/imaging), then the plain PyTorch module in eval mode without gradients.
+(service/imaging), then the plain PyTorch module in eval mode without gradients, in the
+precision acs-serve's dtype=auto serves the checkpoint in.
 
 Imported as a top-level module by the LitServe app (its folder is the script's) and by the
 TorchServe handler (the archive ships it as an extra file next to the handler).
@@ -10,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from models.checkpoint import load_checkpoint
+from models.precision import serving_dtype
 from service.config import Settings
 from service.imaging import preprocess
 
@@ -20,7 +22,9 @@ class Classifier:
     def __init__(self, weights_dir, threads: int = 1, top_k: int = 5) -> None:
         torch.set_num_threads(threads)
         checkpoint = load_checkpoint(weights_dir)
-        self.model, self.manifest = checkpoint.model.eval(), checkpoint.manifest
+        self.manifest = checkpoint.manifest
+        self.dtype = serving_dtype("auto", torch.device("cpu"), self.manifest)
+        self.model = checkpoint.model.eval().to(self.dtype)
         self.classes = self.manifest["classes"]
         self.top_k = min(top_k, len(self.classes))
         self.max_pixels = Settings().max_pixels
@@ -32,7 +36,7 @@ class Classifier:
     @torch.no_grad()
     def predict(self, batch: torch.Tensor) -> torch.Tensor:
         """(N, 3, size, size) -> (N, classes) probabilities."""
-        return torch.softmax(self.model(batch), 1)
+        return torch.softmax(self.model(batch.to(self.dtype)).float(), 1)
 
     def labels(self, probabilities: torch.Tensor) -> list[dict]:
         """Per image, {"top_k": [{"label", "index", "probability"}, ...]}."""
