@@ -1,7 +1,7 @@
 """Service latency and throughput under closed- and open-loop load, and the HTTP layer's overhead.
 
-Starts `python -m service` on a loopback port (on the given weights, or on a freshly
-initialized checkpoint when none are given: timings only, no accuracy), then:
+Starts `python -m service` on a loopback port on --weights (the shipped ones by default) and
+loads --model (the shipped default, acs_fastnet, under --policy threshold), then:
 
 - closed loop: for each budget and concurrency, that many clients each send one 32x32 image
   at a time for --duration seconds. --client httpx (in-process) and hey POST the PNG to
@@ -38,7 +38,7 @@ from pathlib import Path
 
 import httpx
 import torch
-from common import fmt, free_port, make_weights, median_ms, png_bytes, start_acs_serve, stop, wait_http
+from common import fmt, free_port, median_ms, png_bytes, start_acs_serve, stop, wait_http
 from load_clients import closed_loop, hey_closed_loop, open_loop, perf_analyzer_closed_loop
 
 from models.checkpoint import load_checkpoint
@@ -46,6 +46,7 @@ from models.registry import compact
 from service.config import from_env
 from service.imaging import preprocess
 
+WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
 MAX_PIXELS = 10**8
 CLOSED_QUEUE_SIZE = 1024  # closed loop: never full, clients wait for their answers
 
@@ -242,8 +243,8 @@ def plot(closed: list[dict], opened: list[dict], path: str) -> None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--weights", help="weights folder (default: a fresh random checkpoint)")
-    parser.add_argument("--model", default="acs_densenet40_cheap")
+    parser.add_argument("--weights", default=str(WEIGHTS), help="checkpoint folders (default: shipped)")
+    parser.add_argument("--model", default="acs_fastnet")
     parser.add_argument("--budgets", nargs="+", type=float, default=[1.0, 0.5])
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 2, 4, 8, 16, 32, 64])
     parser.add_argument("--client", choices=["httpx", "hey", "perf_analyzer"], default="httpx",
@@ -256,7 +257,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="the open-loop server's --max-queue-size, in images")
     parser.add_argument("--open-budget", type=float, default=1.0)
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
-    parser.add_argument("--policy", default="topk")
+    parser.add_argument("--policy", default="threshold", choices=["threshold", "topk", "cap"])
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", help="write the results here")
@@ -270,9 +271,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        weights = Path(args.weights or tmp / "weights")
-        if not args.weights:
-            make_weights(weights, args.model, gate="cheap")
+        weights = Path(args.weights)
         image = png_bytes()
         checkpoint = load_checkpoint(weights / args.model)
         bare = {b: bare_call_ms(checkpoint, b, args.policy, image) for b in args.budgets}

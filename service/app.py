@@ -20,7 +20,9 @@ from . import __version__
 from .config import Settings
 from .errors import (
     ApiError,
+    ClientDisconnect,
     api_error_handler,
+    client_disconnect_handler,
     http_error_handler,
     internal_error_handler,
     validation_error_handler,
@@ -125,6 +127,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(ApiError, api_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(HTTPException, http_error_handler)
+    app.add_exception_handler(ClientDisconnect, client_disconnect_handler)
     app.add_exception_handler(Exception, internal_error_handler)
     app.include_router(v1_router)
     app.include_router(v2_router)

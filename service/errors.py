@@ -9,6 +9,7 @@ from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 log = logging.getLogger("acs_serve")
 
@@ -44,6 +45,17 @@ async def http_error_handler(request: Request, exc: HTTPException) -> JSONRespon
     reason = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
     return error_response(request, exc.status_code, str(exc.detail), reason,
                           getattr(exc, "headers", None))
+
+
+CLIENT_CLOSED = 499  # nginx's code for a client that closed the connection before the answer
+
+
+async def client_disconnect_handler(request: Request, exc: ClientDisconnect) -> JSONResponse:
+    """The client went away before its body was read (a client timeout, say): not a server
+    error. Nothing can be answered; logs and metrics record 499."""
+    log.info("client closed the connection before sending its body: %s %s (request %s)",
+             request.method, request.url.path, getattr(request.state, "request_id", None))
+    return error_response(request, CLIENT_CLOSED, "client closed the connection", "client_closed")
 
 
 async def internal_error_handler(request: Request, exc: Exception) -> JSONResponse:

@@ -276,3 +276,26 @@ def test_schemathesis_with_every_check_passes(server):
                              "--seed", "1", "--request-timeout", "30"],
                             capture_output=True, text=True, timeout=600, cwd=tempfile.gettempdir())
     assert result.returncode == 0, result.stdout[-6000:]
+
+
+def test_a_client_that_leaves_mid_body_is_a_499_not_a_server_error(tmp_path, caplog):
+    """A client that times out while sending (the open-loop benchmark's did) is logged and
+    counted as 499, without a traceback, and never as a 5xx."""
+    import socket
+
+    caplog.set_level(logging.INFO, "acs_serve")
+    with ThreadedServer(make_weights(tmp_path)) as server:
+        with socket.create_connection(("127.0.0.1", server.port)) as s:
+            s.sendall(b"POST /v1/models/tiny/predict HTTP/1.1\r\nHost: x\r\n"
+                      b"Content-Type: image/png\r\nContent-Length: 10000\r\n\r\n" + encode()[:50])
+            time.sleep(0.2)
+        deadline, metrics = time.monotonic() + 10, ""
+        while time.monotonic() < deadline and 'code="499"' not in metrics:
+            time.sleep(0.1)
+            metrics = httpx.get(f"{server.url}/metrics").text
+        assert 'acs_requests_total{code="499",route="/v1/models/{name}/predict"} 1.0' in metrics
+        assert 'code="500"' not in metrics
+        assert httpx.post(f"{server.url}/v1/models/tiny/predict", content=encode(),
+                          headers={"content-type": "image/png"}).status_code == 200
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    assert any("client closed the connection" in r.getMessage() for r in caplog.records)
