@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from common import plot_by_batch
 
+from models.budget import POLICIES
 from models.checkpoint import load_checkpoint
 from models.registry import compact
 from training.data import load_dataset, normalize
@@ -94,7 +95,7 @@ def main(argv=None) -> int:
     parser.add_argument("--budgets", nargs="+", type=float, default=[1.0, 0.75, 0.5, 0.25, 0.0])
     parser.add_argument("--batch", nargs="+", type=int, default=[1, 32])
     parser.add_argument("--images", type=int, default=256, help="test images (a seeded random N)")
-    parser.add_argument("--policy", default="threshold", choices=["threshold", "topk", "cap"])
+    parser.add_argument("--policy", default="threshold", choices=POLICIES)
     parser.add_argument("--repeat", type=int, default=1, help="timed passes over the images")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json")

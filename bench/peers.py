@@ -56,6 +56,7 @@ from common import (
 from load_clients import hey_closed_loop
 from peer_servers.classifier import Classifier
 
+from models.budget import POLICIES
 from models.checkpoint import load_checkpoint
 from models.precision import serving_dtype
 from models.registry import compact
@@ -417,7 +418,7 @@ def main(argv=None) -> int:
     parser.add_argument("--weights", type=Path, default=WEIGHTS, help="checkpoint folders")
     parser.add_argument("--dense", default="fastnet", help="the dense model every server serves")
     parser.add_argument("--acs", default="acs_fastnet", help="the ACS model acs-serve also serves")
-    parser.add_argument("--policy", default="threshold", choices=["threshold", "topk", "cap"])
+    parser.add_argument("--policy", default="threshold", choices=POLICIES)
     parser.add_argument("--budgets", nargs="+", type=float, default=[1.0, 0.5],
                         help="budgets for the ACS model (the dense one runs at 1.0)")
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32])

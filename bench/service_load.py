@@ -41,6 +41,7 @@ import torch
 from common import fmt, free_port, median_ms, png_bytes, start_acs_serve, stop, wait_http
 from load_clients import closed_loop, hey_closed_loop, open_loop, perf_analyzer_closed_loop
 
+from models.budget import POLICIES
 from models.checkpoint import load_checkpoint
 from models.registry import compact
 from service.config import from_env
@@ -257,7 +258,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="the open-loop server's --max-queue-size, in images")
     parser.add_argument("--open-budget", type=float, default=1.0)
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
-    parser.add_argument("--policy", default="threshold", choices=["threshold", "topk", "cap"])
+    parser.add_argument("--policy", default="threshold", choices=POLICIES)
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", help="write the results here")

@@ -19,6 +19,7 @@ import torch
 from skip_speed import SAMPLES, measure
 
 from models.allocator import keep_freed_memory
+from models.budget import POLICIES
 from models.checkpoint import read_manifest
 from models.precision import DTYPES, serving_dtype
 
@@ -78,7 +79,7 @@ def markdown(rows: list[dict]) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--weights", default=str(WEIGHTS), help="folder of checkpoint folders")
-    p.add_argument("--policy", default="threshold", choices=["threshold", "topk", "cap"])
+    p.add_argument("--policy", default="threshold", choices=POLICIES)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (CPU)")
     p.add_argument("--repeat", type=int, default=30)

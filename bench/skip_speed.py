@@ -30,6 +30,7 @@ import torch
 from common import plot_by_batch
 
 from models.allocator import keep_freed_memory
+from models.budget import POLICIES
 from models.checkpoint import load_checkpoint
 from models.precision import DTYPES
 from models.registry import FACTORIES, compact
@@ -188,7 +189,7 @@ def main() -> None:
                         help="folder of .jpg images to time checkpoints on ('' for random inputs)")
     parser.add_argument("--budgets", nargs="+", type=float, default=[1.0, 0.75, 0.5, 0.25])
     parser.add_argument("--batch", nargs="+", type=int, default=[1, 32])
-    parser.add_argument("--policy", default="topk", choices=["threshold", "topk", "cap"])
+    parser.add_argument("--policy", default="topk", choices=POLICIES)
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["float32"])
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

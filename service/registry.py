@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from models.budget import POLICIES
 from models.checkpoint import MANIFEST, CheckpointError, load_checkpoint
 from models.precision import serving_dtype
 from models.registry import compact
@@ -51,7 +52,7 @@ class ServedModel:
             "config": m["config"], "classes": self.classes, "input": m["input"],
             "gated": self.model.gated, "budget_floor": self.model.table.floor,
             "default": {"budget": self.default_budget, "policy": self.default_policy},
-            "policies": ["threshold", "topk", "cap"],
+            "policies": list(POLICIES),
             "calibration": m["calibration"], "accuracy": m.get("accuracy", []),
             "provenance": m.get("provenance", {}), "weights_sha256": m["weights"]["sha256"],
             "device": str(self.batcher.device), "dtype": str(self.batcher.dtype).removeprefix("torch."),

@@ -15,6 +15,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, ValidationError
 from starlette.exceptions import HTTPException
 
+from models.budget import POLICIES
+
 from .batching import Job, JobResult
 from .errors import ApiError
 from .imaging import preprocess_async
@@ -30,7 +32,7 @@ RULES = {"budget": "must be a number in [0, 1]", "policy": "must be threshold, t
 class PredictParams(BaseModel):
     budget: float | None = Field(None, ge=0, le=1, description="fraction of the dense cost "
                                  "(MACs; BitOps for DFS models: see cost.budget_unit)")
-    policy: Literal["threshold", "topk", "cap"] | None = None
+    policy: Literal[POLICIES] | None = None
     top_k: int = Field(5, ge=1, le=1000)
     timeout: float | None = Field(None, gt=0, description="deadline in seconds")
 
