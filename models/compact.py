@@ -28,8 +28,9 @@ UNION_BATCH = 8  # a threshold batch shares unions in chunks of this many images
 
 
 def rows_of(state: State, index: torch.Tensor) -> State:
-    """The state of a subset of the batch."""
-    return {k: v[index] if isinstance(v, torch.Tensor) else v for k, v in state.items()}
+    """The state of a subset of the batch; a tensor of one row is shared by the batch."""
+    return {k: v[index] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] > 1 else v
+            for k, v in state.items()}
 
 
 @dataclass

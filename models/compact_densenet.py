@@ -125,7 +125,7 @@ class CompactDenseNet(CompactExecutor):
                     steps.append(Step(self._layer_step(layer, base)))
                     continue
                 steps.append(Step(self._layer_step(layer, base), gate=_GateScores(layer.gate),
-                                  gated_index=gated, key=lambda keep: keep.sum(1)))
+                                  gated_index=gated, key=lambda keep: keep.sum(1), zero=self._zero))
                 gated += 1
             if i < len(model.transitions):
                 steps.append(Step(self._transition_step(model.transitions[i])))
@@ -149,7 +149,7 @@ class CompactDenseNet(CompactExecutor):
             buf[:, :c] = h
             means = h.new_empty(b, total)
             means[:, :c] = h.mean((2, 3))
-            present = torch.arange(c, device=h.device).expand(b, c)
+            present = torch.arange(c, device=h.device)[None]  # shared by the batch
             return {"buf": buf, "means": means, "present": present}
         return apply
 
@@ -162,28 +162,35 @@ class CompactDenseNet(CompactExecutor):
         all_rows = torch.arange(growth)
 
         def apply(state: State, keep) -> State:
+            """keep: None (all), (B, growth) with equal counts, or (1, growth) shared by the
+            batch (a union pass); `present` is likewise (B, n) or (1, n) shared."""
             buf, means, present = state["buf"], state["means"], state["present"]
-            b, n = present.shape
+            n = present.shape[1]
             if keep is None or keep.all():
-                rows, k = None, growth
-            elif b == 1:
-                rows = keep[0].nonzero()[:, 0]
-                k = rows.shape[0]
-                if k == 0:
-                    return state
-                rows = rows[None]
+                rows = all_rows.to(buf.device)[None]
             else:
-                rows = keep.nonzero()[:, 1].reshape(b, -1)
-                k = rows.shape[1]
-                if k == 0:
+                rows = keep.nonzero()[:, 1].reshape(keep.shape[0], -1)
+                if rows.shape[1] == 0:
                     return state
+            k = rows.shape[1]
             h = consumer(buf[:, :n], present).relu_()
-            out = conv_rows_gathered(h, weight2, rows, padding=1)
+            out = conv_rows_gathered(h, weight2, None if k == growth else rows, padding=1)
             buf[:, n : n + k] = out
             means[:, n : n + k] = out.mean((2, 3))
-            new = all_rows.to(buf.device).expand(b, -1) if rows is None else rows
-            return {"buf": buf, "means": means, "present": torch.cat([present, base + new], 1)}
+            if rows.shape[0] != present.shape[0]:  # one is shared, the other per sample
+                rows, present = rows.expand(buf.shape[0], -1), present.expand(buf.shape[0], -1)
+            return {"buf": buf, "means": means, "present": torch.cat([present, base + rows], 1)}
         return apply
+
+    @staticmethod
+    def _zero(state: State, own: torch.Tensor) -> State:
+        """Zero each sample's new channels outside its own keep `own` (B, kept of the union):
+        a zero channel is what a skipped one is to every consumer (BN+ReLU -> a constant)."""
+        n, k = state["present"].shape[1], own.shape[1]
+        mask = own.to(state["buf"].dtype)
+        state["buf"][:, n - k : n] *= mask[:, :, None, None]
+        state["means"][:, n - k : n] *= mask
+        return state
 
     @staticmethod
     def _transition_step(transition):

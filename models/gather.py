@@ -67,13 +67,14 @@ def conv_rows_gathered(x: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor
                        padding: int) -> torch.Tensor:
     """Convolution computing only output channels `rows` (B, k) (None: all) of `weight`.
 
-    A batch runs as one grouped convolution with a weight gathered per sample.
+    A batch runs as one grouped convolution with a weight gathered per sample; rows of one
+    row are shared by the batch (one gathered weight, a plain convolution).
     """
     b, c, h, w = x.shape
     if rows is None:
         return F.conv2d(x, weight, padding=padding)
     k = rows.shape[1]
-    if b == 1:
+    if b == 1 or rows.shape[0] == 1:
         return F.conv2d(x, weight.index_select(0, rows[0]), padding=padding)
     gathered = weight.index_select(0, rows.reshape(-1))
     out = F.conv2d(x.reshape(1, b * c, h, w), gathered, padding=padding, groups=b)

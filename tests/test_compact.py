@@ -6,6 +6,7 @@ from models.dgconv import DGConv2d
 from models.registry import compact
 from models.resnext import g_resnext29
 from tests.conftest import randomize_bn
+from tests.dynamic_helpers import assert_compact_matches
 
 
 def grouped(model):
@@ -41,13 +42,7 @@ def test_compact_equals_masked_reference(pair, policy, batch, budget):
     x = torch.randn(batch, 3, 32, 32)
     if budget == "mixed":
         budget = torch.linspace(0.1, 1.0, batch)
-    with torch.no_grad():
-        expected, ref = model(x, budget=budget, policy=policy, return_info=True)
-    logits, info = executor(x, budget=budget, policy=policy, return_info=True)
-    assert torch.allclose(logits, expected, atol=1e-4, rtol=1e-4)
-    for got, want in zip(info.masks, ref.masks, strict=True):
-        assert torch.equal(got, want > 0)
-    assert torch.equal(info.cost.executed, ref.cost.executed)
+    assert_compact_matches(model, executor, x, budget, policy)
 
 
 def test_per_sample_mode_equals_batched(pair):
