@@ -13,9 +13,13 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import torch
+
+from models.base import ForwardInfo, GatedNetwork
+from models.macs import Cost
 
 from .errors import ApiError
 from .metrics import Metrics
@@ -41,17 +45,26 @@ class Job:
 class JobResult:
     probabilities: torch.Tensor  # (n, C)
     effective: list[float]
-    cost: object  # models.macs.Cost of this job's images
+    cost: Cost  # of this job's images
     queue_s: float
     inference_s: float
     batch_size: int
 
 
+class Executor(Protocol):
+    """What runs a model's batches (models.compact.CompactExecutor): logits and, with
+    return_info, the plan, masks and cost of every image."""
+
+    def __call__(self, x: torch.Tensor, budget: torch.Tensor | float | None = None,
+                 policy: str = "threshold", return_info: bool = False
+                 ) -> torch.Tensor | tuple[torch.Tensor, ForwardInfo]: ...
+
+
 class Batcher:
     """Collects jobs for one model into batches and runs them on one inference thread."""
 
-    def __init__(self, name: str, model, executor, device: torch.device, settings,
-                 metrics: Metrics) -> None:
+    def __init__(self, name: str, model: GatedNetwork, executor: Executor, device: torch.device,
+                 settings, metrics: Metrics) -> None:
         """`model`: the network (its budget table and unit); `executor`: what runs it."""
         self.name, self.model, self.executor, self.device = name, model, executor, device
         self.dtype = next(model.parameters()).dtype  # the served precision: inputs are cast to it

@@ -2,40 +2,23 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import json
 import time
-from typing import Literal
 
-import torch
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
-from models.budget import POLICIES
-
-from .batching import Job, JobResult
+from .batching import JobResult
 from .errors import ApiError
 from .imaging import preprocess_async
+from .inference import PARAMETERS, PredictParams, infer, too_many_images, validate_params
 from .openapi import errors, predict_openapi
 
 router = APIRouter()
-
-PARAMETERS = ("budget", "policy", "top_k", "timeout")
-RULES = {"budget": "must be a number in [0, 1]", "policy": "must be threshold, topk or cap",
-         "top_k": "must be an integer from 1 to 1000", "timeout": "must be a number of seconds > 0"}
-
-
-class PredictParams(BaseModel):
-    budget: float | None = Field(None, ge=0, le=1, description="fraction of the dense cost "
-                                 "(MACs; BitOps for DFS models: see cost.budget_unit)")
-    policy: Literal[POLICIES] | None = None
-    top_k: int = Field(5, ge=1, le=1000)
-    timeout: float | None = Field(None, gt=0, description="deadline in seconds")
-
 
 class Label(BaseModel):
     label: str
@@ -78,20 +61,6 @@ class PredictResponse(BaseModel):
     timing: Timing
 
 
-def validate_params(raw: dict) -> PredictParams:
-    try:
-        return PredictParams(**raw)
-    except ValidationError as e:
-        names = dict.fromkeys(str(err["loc"][0]) for err in e.errors())
-        parts = [f"{n}: {RULES.get(n, 'is not valid')}, got {raw.get(n)!r}" for n in names]
-        raise ApiError(422, "; ".join(parts), "bad_parameter") from None
-
-
-def too_many_images(count: int, limit: int) -> ApiError:
-    return ApiError(413, f"{count} images in one request; the limit is {limit} "
-                    "(max_images_per_request)", "too_many_images")
-
-
 async def read_images(request: Request, max_images: int) -> tuple[list[bytes], dict]:
     """Encoded images and body parameters from multipart, raw image/* or JSON base64."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -132,27 +101,6 @@ async def read_images(request: Request, max_images: int) -> tuple[list[bytes], d
     raise ApiError(415, f"unsupported content type {ctype or 'none'!r}: send multipart/form-data "
                    '(field "file"), an image/* body, or JSON {"image": "<base64>"}',
                    "unsupported_media")
-
-
-async def infer(request: Request, served, images: torch.Tensor, budget: float | None,
-                policy: str | None, timeout: float | None) -> tuple[JobResult, float, str]:
-    """Queue images for a model and wait for the result within the deadline.
-
-    Returns the result and the budget and policy used (the model's defaults where None)."""
-    settings = request.app.state.server.settings
-    if timeout is not None and timeout > settings.max_timeout_s:
-        raise ApiError(422, f"timeout: must be at most {settings.max_timeout_s:g} s "
-                       f"(max_timeout_s), got {timeout:g}", "bad_parameter")
-    seconds = min(timeout or settings.request_timeout_s, settings.max_timeout_s)
-    deadline = time.monotonic() + seconds
-    future = asyncio.get_running_loop().create_future()
-    budget = served.default_budget if budget is None else budget
-    policy = policy or served.default_policy
-    served.batcher.submit(Job(images, budget, policy, deadline, future))
-    try:
-        return await asyncio.wait_for(future, max(deadline - time.monotonic(), 0)), budget, policy
-    except TimeoutError:
-        raise ApiError(504, f"no result within the {seconds:g} s deadline", "deadline") from None
 
 
 def predictions(result: JobResult, model, classes: list[str], top_k: int, requested: float,

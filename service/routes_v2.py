@@ -21,8 +21,8 @@ from fastapi.responses import JSONResponse, Response
 from . import __version__
 from .errors import ApiError
 from .imaging import preprocess_async
+from .inference import infer, too_many_images, validate_params
 from .openapi import errors, infer_openapi
-from .routes_v1 import infer, too_many_images, validate_params
 
 router = APIRouter(tags=["v2"])
 HEADER_LENGTH = "inference-header-content-length"
