@@ -17,7 +17,8 @@ from .batching import Job, JobResult
 from .errors import ApiError
 
 PARAMETERS = ("budget", "policy", "top_k", "timeout")
-RULES = {"budget": "must be a number in [0, 1]", "policy": "must be threshold, topk or cap",
+RULES = {"budget": "must be a number in [0, 1]",
+         "policy": f"must be {', '.join(POLICIES[:-1])} or {POLICIES[-1]}",
          "top_k": "must be an integer from 1 to 1000", "timeout": "must be a number of seconds > 0"}
 
 
