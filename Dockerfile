@@ -27,7 +27,7 @@ COPY models/ models/
 COPY service/ service/
 COPY training/ training/
 RUN pip install --no-cache-dir -c constraints.txt . \
-    && python -c "import service.app, models.registry"
+    && python -c "import service.app, models.core.registry"
 
 # Checkpoints readable by the serving user, whatever modes they had in the build context.
 FROM ${PYTHON_IMAGE} AS weights

@@ -144,8 +144,8 @@ def stop_group(proc: subprocess.Popen, timeout: float = 30) -> bool:
 
 def make_weights(root: Path, model: str, factory: str = "acs_densenet40", **config) -> Path:
     """A freshly initialized checkpoint root/model (timings only, no accuracy)."""
-    from models.checkpoint import save_checkpoint
-    from models.registry import FACTORIES
+    from models.core.checkpoint import save_checkpoint
+    from models.core.registry import FACTORIES
 
     save_checkpoint(FACTORIES[factory](**config).eval(), root / model, name=model, classes=CLASSES,
                     provenance={"note": "random weights, for timing only"})

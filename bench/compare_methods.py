@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 from common import plot_by_batch
 
-from models.budget import POLICIES
-from models.checkpoint import load_checkpoint
-from models.registry import compact
+from models.core.budget import POLICIES
+from models.core.checkpoint import load_checkpoint
+from models.core.registry import compact
 from training.data import load_dataset, normalize
 
 

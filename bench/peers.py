@@ -56,10 +56,10 @@ from common import (
 from load_clients import hey_closed_loop
 from peer_servers.classifier import Classifier
 
-from models.budget import POLICIES
-from models.checkpoint import load_checkpoint
-from models.precision import serving_dtype
-from models.registry import compact
+from models.core.budget import POLICIES
+from models.core.checkpoint import load_checkpoint
+from models.core.precision import serving_dtype
+from models.core.registry import compact
 
 PEER_DIR = Path(__file__).resolve().parent / "peer_servers"
 

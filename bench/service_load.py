@@ -41,9 +41,9 @@ import torch
 from common import fmt, free_port, median_ms, png_bytes, start_acs_serve, stop, wait_http
 from load_clients import closed_loop, hey_closed_loop, open_loop, perf_analyzer_closed_loop
 
-from models.budget import POLICIES
-from models.checkpoint import load_checkpoint
-from models.registry import compact
+from models.core.budget import POLICIES
+from models.core.checkpoint import load_checkpoint
+from models.core.registry import compact
 from service.config import from_env
 from service.imaging import preprocess
 

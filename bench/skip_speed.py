@@ -29,11 +29,11 @@ from pathlib import Path
 import torch
 from common import plot_by_batch
 
-from models.allocator import keep_freed_memory
-from models.budget import POLICIES
-from models.checkpoint import load_checkpoint
-from models.precision import DTYPES
-from models.registry import FACTORIES, compact
+from models.core.allocator import keep_freed_memory
+from models.core.budget import POLICIES
+from models.core.checkpoint import load_checkpoint
+from models.core.precision import DTYPES
+from models.core.registry import FACTORIES, compact
 
 MODELS = {
     "acs_densenet40": lambda: FACTORIES["acs_densenet40"](gate="acs"),

@@ -20,7 +20,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from models.registry import FACTORIES
+from models.core.registry import FACTORIES
 
 
 def step(model, x, y, budgets, bf16: bool) -> None:

@@ -18,8 +18,8 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from models.base import ForwardInfo, GatedNetwork
-from models.macs import Cost
+from models.core.base import ForwardInfo, GatedNetwork
+from models.core.macs import Cost
 
 from .errors import ApiError
 from .metrics import Metrics
@@ -52,7 +52,7 @@ class JobResult:
 
 
 class Executor(Protocol):
-    """What runs a model's batches (models.compact.CompactExecutor): logits and, with
+    """What runs a model's batches (models.core.compact.CompactExecutor): logits and, with
     return_info, the plan, masks and cost of every image."""
 
     def __call__(self, x: torch.Tensor, budget: torch.Tensor | float | None = None,

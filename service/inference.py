@@ -11,7 +11,7 @@ import torch
 from fastapi import Request
 from pydantic import BaseModel, Field, ValidationError
 
-from models.budget import POLICIES
+from models.core.budget import POLICIES
 
 from .batching import Job, JobResult
 from .errors import ApiError

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 
-from models.budget import POLICIES
-from models.checkpoint import MANIFEST, CheckpointError, load_checkpoint
-from models.precision import serving_dtype
-from models.registry import compact
+from models.core.budget import POLICIES
+from models.core.checkpoint import MANIFEST, CheckpointError, load_checkpoint
+from models.core.precision import serving_dtype
+from models.core.registry import compact
 
 from .batching import Batcher
 

@@ -11,8 +11,8 @@ import uvicorn
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from models.checkpoint import save_checkpoint
-from models.densenet import ACSDenseNet, DenseNetConfig, acs_densenet40
+from models.core.checkpoint import save_checkpoint
+from models.networks.densenet import ACSDenseNet, DenseNetConfig, acs_densenet40
 from service.app import create_app
 from service.config import Settings
 from tests.conftest import randomize_bn

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from models.checkpoint import load_checkpoint
-from models.registry import compact
+from models.core.checkpoint import load_checkpoint
+from models.core.registry import compact
 from service.imaging import preprocess
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"

@@ -19,7 +19,7 @@ import load_clients  # noqa: E402
 import service_load  # noqa: E402
 from common import png_bytes  # noqa: E402
 
-from models.checkpoint import load_checkpoint  # noqa: E402
+from models.core.checkpoint import load_checkpoint  # noqa: E402
 from tests.service_helpers import ThreadedServer, make_weights  # noqa: E402
 
 # Captured from `hey -o csv` against acs-serve (one 503 row added), and from `perf_analyzer -f`.

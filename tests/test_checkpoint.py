@@ -3,10 +3,10 @@ import json
 import pytest
 import torch
 
-from models.budget import CalibrationTable
-from models.checkpoint import MANIFEST, WEIGHTS, CheckpointError, load_checkpoint, save_checkpoint
-from models.densenet import acs_densenet40
-from models.resnext import g_resnext29
+from models.core.budget import CalibrationTable
+from models.core.checkpoint import MANIFEST, WEIGHTS, CheckpointError, load_checkpoint, save_checkpoint
+from models.networks.densenet import acs_densenet40
+from models.networks.resnext import g_resnext29
 from tests.conftest import randomize_bn
 
 CLASSES = [f"class{i}" for i in range(10)]

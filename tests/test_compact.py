@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from models.densenet import acs_densenet40, densenet40
-from models.dgconv import DGConv2d
-from models.registry import compact
-from models.resnext import g_resnext29
+from models.acs.dgconv import DGConv2d
+from models.core.registry import compact
+from models.networks.densenet import acs_densenet40, densenet40
+from models.networks.resnext import g_resnext29
 from tests.conftest import randomize_bn
 from tests.dynamic_helpers import assert_compact_matches
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.dgconv import DGConv2d, kron_mask
+from models.acs.dgconv import DGConv2d, kron_mask
 
 
 def set_gates(conv: DGConv2d, bits: list[int]) -> DGConv2d:

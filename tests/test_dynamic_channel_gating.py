@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from models.channel_gating import CGResNet, CGResNetConfig, cg_resnet20, resnet20
-from models.checkpoint import load_checkpoint, save_checkpoint
-from models.registry import compact
+from models.core.checkpoint import load_checkpoint, save_checkpoint
+from models.core.registry import compact
+from models.networks.channel_gating import CGResNet, CGResNetConfig, cg_resnet20, resnet20
 from tests.conftest import randomize_bn
 from tests.dynamic_helpers import assert_compact_matches, fvcore_macs, infer, precision_pairs, sample_images
 

@@ -2,8 +2,9 @@
 import pytest
 import torch
 
-from models.checkpoint import load_checkpoint, save_checkpoint
-from models.dfs import (
+from models.core.checkpoint import load_checkpoint, save_checkpoint
+from models.core.registry import compact
+from models.networks.dfs import (
     BITOPS_LABEL,
     DFSResNet,
     DFSResNetConfig,
@@ -12,7 +13,6 @@ from models.dfs import (
     quantize_weight,
     resnet38,
 )
-from models.registry import compact
 from tests.conftest import randomize_bn
 from tests.dynamic_helpers import assert_compact_matches, fvcore_macs, infer, precision_pairs, sample_images
 

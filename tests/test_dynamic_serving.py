@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from models.channel_gating import cg_resnet20
-from models.checkpoint import save_checkpoint
-from models.dfs import dfs_resnet38
-from models.slimmable import slimmable_resnet20
+from models.core.checkpoint import save_checkpoint
+from models.networks.channel_gating import cg_resnet20
+from models.networks.dfs import dfs_resnet38
+from models.networks.slimmable import slimmable_resnet20
 from tests.dynamic_helpers import randomize_all_bn
 from tests.service_helpers import CLASSES, encode, make_client, wait_ready
 

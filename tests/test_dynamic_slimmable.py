@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from models.checkpoint import load_checkpoint, save_checkpoint
-from models.registry import build_model, compact, describe
-from models.slimmable import (
+from models.core.checkpoint import load_checkpoint, save_checkpoint
+from models.core.registry import build_model, compact, describe
+from models.networks.slimmable import (
     SlimmableResNet,
     SlimmableResNetConfig,
     SwitchableBatchNorm2d,

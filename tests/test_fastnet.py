@@ -4,9 +4,9 @@ whitening, checkpoints, and the fast recipe with the per-sample budget schedule 
 import pytest
 import torch
 
-from models.checkpoint import load_checkpoint, save_checkpoint
-from models.fastnet import FastNet, FastNetConfig, acs_fastnet, fastnet
-from models.registry import compact
+from models.core.checkpoint import load_checkpoint, save_checkpoint
+from models.core.registry import compact
+from models.networks.fastnet import FastNet, FastNetConfig, acs_fastnet, fastnet
 from tests.conftest import randomize_bn
 from tests.dynamic_helpers import assert_compact_matches, fvcore_macs
 from tests.test_training import tiny_config, write_folders
@@ -55,8 +55,8 @@ def test_compact_equals_masked_reference(config, policy):
 def test_a_batch_under_threshold_runs_the_union_of_its_keeps_in_plain_convolutions(monkeypatch):
     """Each image gets the logits it gets alone; every convolution is one plain (ungrouped)
     call over the batch; each image is charged the union it shared (no less than its own)."""
-    import models.gather
-    from models.budget import CalibrationTable
+    import models.core.gather
+    from models.core.budget import CalibrationTable
     model = randomize_bn(acs_fastnet()).eval()
     counts = model.gated_totals()
     model.table = CalibrationTable([model.floor(), 0.5, 1.0], [1.0, 0.75, 0.0],
@@ -65,8 +65,8 @@ def test_a_batch_under_threshold_runs_the_union_of_its_keeps_in_plain_convolutio
     x = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     budget = torch.tensor([0.2, 0.4, 0.5, 0.5, 0.8, 1.0])
     alone = executor(x, budget=budget, policy="threshold", per_sample=True)
-    groups, conv2d = [], models.gather.conv2d
-    monkeypatch.setattr(models.gather, "conv2d",
+    groups, conv2d = [], models.core.gather.conv2d
+    monkeypatch.setattr(models.core.gather, "conv2d",
                         lambda *a, **k: groups.append(k.get("groups", 1)) or conv2d(*a, **k))
     logits, info = executor(x, budget=budget, policy="threshold", return_info=True)
     assert torch.allclose(logits, alone, atol=1e-4)
@@ -74,10 +74,10 @@ def test_a_batch_under_threshold_runs_the_union_of_its_keeps_in_plain_convolutio
     assert all((mask == mask[:1]).all() for mask in info.masks)  # one union per layer
     own = model(x, budget=budget, policy="threshold", return_info=True)[1].cost.executed
     assert (info.cost.executed >= own).all() and (info.cost.executed > own).any()
-    from models.compact import UNION_BATCH  # a larger batch shares unions chunk by chunk
+    from models.core.compact import UNION_BATCH  # a larger batch shares unions chunk by chunk
     big = torch.randn(UNION_BATCH + 4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     groups.clear()
-    monkeypatch.setattr(models.gather, "conv2d",
+    monkeypatch.setattr(models.core.gather, "conv2d",
                         lambda *a, **k: groups.append(a[0].shape[0]) or conv2d(*a, **k))
     masks = executor(big, budget=torch.linspace(0.2, 1.0, len(big)), policy="threshold",
                      return_info=True)[1].masks
@@ -89,7 +89,7 @@ def test_a_batch_under_threshold_runs_the_union_of_its_keeps_in_plain_convolutio
 @pytest.mark.parametrize("batch", [1, 3])
 def test_compact_with_every_block_kept_after_a_partly_kept_layer(batch):
     """A layer that keeps every output block still gathers the columns its input lacks."""
-    from models.budget import CalibrationTable
+    from models.core.budget import CalibrationTable
     model = randomize_bn(acs_fastnet()).eval()
     totals = model.gated_totals()
     partial = [2, 4, 8, 16, 7, 16]  # layers 1 and 3 keep everything after partly kept layers

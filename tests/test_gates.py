@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from models.gates import ACSGate, CheapGate, make_gate
+from models.acs.gates import ACSGate, CheapGate, make_gate
 
 
 @pytest.mark.parametrize("gate_cls", [ACSGate, CheapGate])

@@ -2,9 +2,9 @@ import pytest
 import torch
 from fvcore.nn import FlopCountAnalysis
 
-from models.densenet import ACSDenseNet, DenseNetConfig, densenet40
-from models.dgconv import DGConv2d
-from models.resnext import GResNeXt, ResNeXtConfig, g_resnext29, g_resnext50
+from models.acs.dgconv import DGConv2d
+from models.networks.densenet import ACSDenseNet, DenseNetConfig, densenet40
+from models.networks.resnext import GResNeXt, ResNeXtConfig, g_resnext29, g_resnext50
 
 
 def fvcore_macs(model, size):

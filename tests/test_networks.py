@@ -3,9 +3,9 @@ import threading
 import pytest
 import torch
 
-from models.densenet import acs_densenet40, densenet40
-from models.dgconv import DGConv2d
-from models.resnext import g_resnext29, g_resnext50, g_resnext101
+from models.acs.dgconv import DGConv2d
+from models.networks.densenet import acs_densenet40, densenet40
+from models.networks.resnext import g_resnext29, g_resnext50, g_resnext101
 from tests.conftest import randomize_bn
 
 CIFAR_NETS = {

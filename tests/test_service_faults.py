@@ -18,9 +18,9 @@ import httpx
 import pytest
 import requests
 
-import models.checkpoint
-from models.checkpoint import MANIFEST, WEIGHTS, load_checkpoint, save_checkpoint, sha256_file
-from models.densenet import ACSDenseNet, DenseNetConfig
+import models.core.checkpoint
+from models.core.checkpoint import MANIFEST, WEIGHTS, load_checkpoint, save_checkpoint, sha256_file
+from models.networks.densenet import ACSDenseNet, DenseNetConfig
 from tests.conftest import randomize_bn
 from tests.service_helpers import ThreadedServer, encode, make_client, make_weights, wait_ready
 
@@ -56,13 +56,13 @@ def corrupt_weights_with_matching_hash(folder: Path, monkeypatch) -> None:
 
 
 def unreadable_weights(folder: Path, monkeypatch) -> None:
-    real = models.checkpoint.sha256_file
+    real = models.core.checkpoint.sha256_file
 
     def denied(path):  # root reads any file, so the refusal is simulated
         if Path(path).parent == folder:
             raise PermissionError(13, "Permission denied", str(path))
         return real(path)
-    monkeypatch.setattr(models.checkpoint, "sha256_file", denied)
+    monkeypatch.setattr(models.core.checkpoint, "sha256_file", denied)
 
 
 def manifest_not_json(folder: Path, monkeypatch) -> None:

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.checkpoint import load_checkpoint, read_manifest
-from models.registry import compact
+from models.core.checkpoint import load_checkpoint, read_manifest
+from models.core.registry import compact
 from service.imaging import preprocess
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,9 +12,9 @@ from PIL import Image
 
 import training.data
 import training.train
-from models.checkpoint import load_checkpoint, read_manifest
-from models.densenet import ACSDenseNet, DenseNetConfig
-from models.registry import compact
+from models.core.checkpoint import load_checkpoint, read_manifest
+from models.core.registry import compact
+from models.networks.densenet import ACSDenseNet, DenseNetConfig
 from tests.conftest import randomize_bn
 from training.calibrate import calibrate
 from training.cli import main
@@ -205,7 +205,7 @@ def test_cost_term_reaches_the_gates_and_moves_the_executed_ratio_to_the_target(
 
 
 def test_dgconv_regularizer_is_in_the_first_pass_only():
-    from models.resnext import GResNeXt, ResNeXtConfig
+    from models.networks.resnext import GResNeXt, ResNeXtConfig
     model = GResNeXt(ResNeXtConfig(num_classes=3, layers=(1, 1), widths=(8, 16), stem_channels=8,
                                    gate="cheap", input_size=16)).train()
     objective = Objective(CostModel(model), cost_weight=0.0, dg_weight=1.0)

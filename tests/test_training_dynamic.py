@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from models.checkpoint import load_checkpoint
-from models.registry import build_model, compact
+from models.core.checkpoint import load_checkpoint
+from models.core.registry import build_model, compact
 from tests.test_training import write_folders
 from training.cli import main
 from training.data import load_dataset, normalize

@@ -24,9 +24,9 @@ import copy
 
 import torch
 
-from models.base import GatedNetwork
-from models.budget import CalibrationTable
-from models.slimmable import SlimmableResNet, recalibrate_bn
+from models.core.base import GatedNetwork
+from models.core.budget import CalibrationTable
+from models.networks.slimmable import SlimmableResNet, recalibrate_bn
 
 from .data import normalize
 from .evaluate import measure

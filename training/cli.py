@@ -21,8 +21,8 @@ import time
 from dataclasses import MISSING, fields
 from pathlib import Path
 
-from models.budget import POLICIES
-from models.slimmable import SlimmableResNet
+from models.core.budget import POLICIES
+from models.networks.slimmable import SlimmableResNet
 
 from .calibrate import bn_check, calibrate, recalibrate_widths
 from .config import TrainConfig, load_splits, resume_config, run_config

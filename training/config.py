@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from models.base import GatedNetwork
-from models.registry import FACTORIES, build_model
+from models.core.base import GatedNetwork
+from models.core.registry import FACTORIES, build_model
 
 from .data import Dataset, holdout_split, load_dataset, subset
 from .state import read_config

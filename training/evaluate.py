@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from matplotlib.figure import Figure
 
-from models.base import GatedNetwork
-from models.budget import POLICIES
+from models.core.base import GatedNetwork
+from models.core.budget import POLICIES
 
 from .data import normalize
 

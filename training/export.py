@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from models.checkpoint import load_checkpoint, save_checkpoint
+from models.core.checkpoint import load_checkpoint, save_checkpoint
 
 from .evaluate import EVAL_JSON, PLOT, markdown_table
 from .state import CALIBRATION, load_trained, read_config, read_progress
@@ -135,7 +135,7 @@ def model_card(name: str, config: dict, progress: dict, model, result: dict | No
         lines += ["", "## Reproduce", "", "The `acs-train` commands this model came from, in order "
                   "(then `acs-train export`):", "", "```",
                   *[entry["command"] for entry in config["log"]], "```"]
-    lines += ["", "## Use", "", "```python", "from models.checkpoint import load_checkpoint",
+    lines += ["", "## Use", "", "```python", "from models.core.checkpoint import load_checkpoint",
               f'ckpt = load_checkpoint("weights/{name}")',
               "logits = ckpt.model(x, budget=0.5, policy=\"threshold\")  # x: normalized (B, 3, H, W)",
               "```"]

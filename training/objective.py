@@ -28,8 +28,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from models.base import ForwardInfo, GatedNetwork
-from models.budget import CalibrationTable
+from models.core.base import ForwardInfo, GatedNetwork
+from models.core.budget import CalibrationTable
 
 
 def sample_budgets(floor: float, random: int, generator: torch.Generator,

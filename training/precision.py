@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from models.checkpoint import load_checkpoint, read_manifest, write_manifest
-from models.precision import BF16_TOLERANCE, DTYPES
-from models.registry import compact
+from models.core.checkpoint import load_checkpoint, read_manifest, write_manifest
+from models.core.precision import BF16_TOLERANCE, DTYPES
+from models.core.registry import compact
 
 from .data import Dataset, normalize
 

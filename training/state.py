@@ -20,10 +20,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from models.base import GatedNetwork
-from models.budget import CalibrationTable
-from models.checkpoint import MANIFEST, load_checkpoint
-from models.registry import build_model
+from models.core.base import GatedNetwork
+from models.core.budget import CalibrationTable
+from models.core.checkpoint import MANIFEST, load_checkpoint
+from models.core.registry import build_model
 
 CONFIG = "config.json"
 CHECKPOINT = "checkpoint.safetensors"

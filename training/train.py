@@ -34,8 +34,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from models.base import GatedNetwork
-from models.registry import describe
+from models.core.base import GatedNetwork
+from models.core.registry import describe
 
 from .config import Splits, TrainConfig, create_model, load_splits
 from .data import alternating_flips, augment, epoch_order, normalize

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from models.checkpoint import load_checkpoint
-from models.precision import serving_dtype
+from models.core.checkpoint import load_checkpoint
+from models.core.precision import serving_dtype
 from service.config import Settings
 from service.imaging import preprocess
 

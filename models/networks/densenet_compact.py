@@ -13,10 +13,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .compact import CompactExecutor, State, Step
+from ..acs.gates import ACSGate, CheapGate
+from ..core.compact import CompactExecutor, State, Step
+from ..core.gather import conv1x1_gathered, conv_rows_gathered, gather_rows, linear_gathered
 from .densenet import ACSDenseNet
-from .gates import ACSGate, CheapGate
-from .gather import conv1x1_gathered, conv_rows_gathered, gather_rows, linear_gathered
 
 
 def bn_stats(bn: torch.nn.BatchNorm2d) -> torch.Tensor:

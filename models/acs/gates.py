@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.gather import conv1x1_gathered, linear_gathered
 from .dgconv import DGConv2d
-from .gather import conv1x1_gathered, linear_gathered
 
 
 def _conv_out(size: int, stride: int = 2) -> int:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .budget import BudgetPlan
+from ..core.budget import BudgetPlan
 
 
 def conv_out(size: int, stride: int) -> int:

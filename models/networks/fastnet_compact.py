@@ -14,10 +14,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .compact import CompactExecutor, State, Step
-from .compact_densenet import bn_affine
+from ..core.compact import CompactExecutor, State, Step
+from ..core.gather import block_channels, conv2d, conv3x3_gathered, linear_gathered, max_pool2x2
+from .densenet_compact import bn_affine
 from .fastnet import FastNet, conv_weight
-from .gather import block_channels, conv2d, conv3x3_gathered, linear_gathered, max_pool2x2
 
 
 def _count(keep: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .compact import CompactExecutor, State, Step
+from ..core.compact import CompactExecutor, State, Step
 from .slimmable import SlimBlock, SlimmableResNet
 
 

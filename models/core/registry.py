@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import dataclasses
 
+from ..networks.channel_gating import CGResNet, CGResNetConfig, cg_resnet20, resnet20
+from ..networks.channel_gating_compact import CompactCGResNet
+from ..networks.densenet import ACSDenseNet, DenseNetConfig, acs_densenet40, densenet40
+from ..networks.densenet_compact import CompactDenseNet
+from ..networks.dfs import DFSResNet, DFSResNetConfig, dfs_resnet38, resnet38
+from ..networks.dfs_compact import CompactDFSResNet
+from ..networks.fastnet import FastNet, FastNetConfig, acs_fastnet, fastnet
+from ..networks.fastnet_compact import CompactFastNet
+from ..networks.resnext import GResNeXt, ResNeXtConfig, g_resnext29, g_resnext50, g_resnext101
+from ..networks.resnext_compact import CompactResNeXt
+from ..networks.slimmable import SlimmableResNet, SlimmableResNetConfig, slimmable_resnet20
+from ..networks.slimmable_compact import CompactSlimmableResNet
 from .base import GatedNetwork
-from .channel_gating import CGResNet, CGResNetConfig, cg_resnet20, resnet20
 from .compact import CompactExecutor
-from .compact_channel_gating import CompactCGResNet
-from .compact_densenet import CompactDenseNet
-from .compact_dfs import CompactDFSResNet
-from .compact_fastnet import CompactFastNet
-from .compact_resnext import CompactResNeXt
-from .compact_slimmable import CompactSlimmableResNet
-from .densenet import ACSDenseNet, DenseNetConfig, acs_densenet40, densenet40
-from .dfs import DFSResNet, DFSResNetConfig, dfs_resnet38, resnet38
-from .fastnet import FastNet, FastNetConfig, acs_fastnet, fastnet
-from .resnext import GResNeXt, ResNeXtConfig, g_resnext29, g_resnext50, g_resnext101
-from .slimmable import SlimmableResNet, SlimmableResNetConfig, slimmable_resnet20
 
 ARCHITECTURES = {
     "densenet": (ACSDenseNet, DenseNetConfig, CompactDenseNet),

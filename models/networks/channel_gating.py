@@ -36,10 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import ForwardInfo, GatedNetwork
-from .budget import BudgetPlan
-from .dynamic_common import conv_out, resnet_layout
-from .macs import Cost, kept_counts
+from ..core.base import ForwardInfo, GatedNetwork
+from ..core.budget import BudgetPlan
+from ..core.macs import Cost, kept_counts
+from .cifar_resnet import conv_out, resnet_layout
 
 
 @dataclass(frozen=True)

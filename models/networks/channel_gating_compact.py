@@ -19,9 +19,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import ForwardInfo
+from ..core.base import ForwardInfo
+from ..core.compact import CompactExecutor, State, Step
 from .channel_gating import CGBlock, CGResNet, ChannelGatedConv2d, pixel_mask
-from .compact import CompactExecutor, State, Step
 
 
 class _Record:

@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .compact import CompactExecutor, State, Step
-from .compact_densenet import bn_affine
-from .gather import conv1x1_gathered, gather_rows
+from ..core.compact import CompactExecutor, State, Step
+from ..core.gather import conv1x1_gathered, gather_rows
+from .densenet_compact import bn_affine
 from .resnext import GBottleneck, GResNeXt
 
 

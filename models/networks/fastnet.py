@@ -24,11 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import GatedNetwork
-from .budget import BudgetPlan
-from .dgconv import DGConv2d
-from .gates import make_gate
-from .macs import Cost, kept_counts
+from ..acs.dgconv import DGConv2d
+from ..acs.gates import make_gate
+from ..core.base import GatedNetwork
+from ..core.budget import BudgetPlan
+from ..core.macs import Cost, kept_counts
 
 WHITEN_KERNEL = 2
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .compact import CompactExecutor, State, Step
+from ..core.compact import CompactExecutor, State, Step
 from .dfs import DFSBlock, DFSResNet, quantize_weight
 
 

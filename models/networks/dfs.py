@@ -34,10 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import GatedNetwork
-from .budget import BudgetPlan, CalibrationTable
-from .dynamic_common import PrefixPlan, conv_out, prefix_mask, resnet_layout
-from .macs import Cost, kept_counts
+from ..core.base import GatedNetwork
+from ..core.budget import BudgetPlan, CalibrationTable
+from ..core.macs import Cost, kept_counts
+from .cifar_resnet import PrefixPlan, conv_out, prefix_mask, resnet_layout
 
 FULL_BITS = 32
 BITOPS_LABEL = "BitOps (fake-quantized: no wall-clock saving on CPU/GPU)"

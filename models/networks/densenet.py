@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import GatedNetwork
-from .budget import BudgetPlan
-from .gates import make_gate
-from .macs import Cost, kept_counts
+from ..acs.gates import make_gate
+from ..core.base import GatedNetwork
+from ..core.budget import BudgetPlan
+from ..core.macs import Cost, kept_counts
 
 
 @dataclass(frozen=True)

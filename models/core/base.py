@@ -8,9 +8,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..acs.dgconv import DGConv2d
+from ..acs.gates import GATES
 from .budget import BudgetPlan, CalibrationTable, uniform_counts
-from .dgconv import DGConv2d
-from .gates import GATES
 from .macs import Cost
 
 DEFAULT_GRID_STEP = 0.05

@@ -34,10 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import GatedNetwork
-from .budget import BudgetPlan, CalibrationTable
-from .dynamic_common import conv_out, prefix_mask, resnet_layout
-from .macs import Cost, kept_counts
+from ..core.base import GatedNetwork
+from ..core.budget import BudgetPlan, CalibrationTable
+from ..core.macs import Cost, kept_counts
+from .cifar_resnet import conv_out, prefix_mask, resnet_layout
 
 DEFAULT_LEVELS = tuple(i / 16 for i in range(4, 17))  # 0.25, 0.3125, ..., 1.0
 
