@@ -145,9 +145,9 @@ def stop_group(proc: subprocess.Popen, timeout: float = 30) -> bool:
 def make_weights(root: Path, model: str, factory: str = "acs_densenet40", **config) -> Path:
     """A freshly initialized checkpoint root/model (timings only, no accuracy)."""
     from models.core.checkpoint import save_checkpoint
-    from models.core.registry import FACTORIES
+    from models.core.registry import create_model
 
-    save_checkpoint(FACTORIES[factory](**config).eval(), root / model, name=model, classes=CLASSES,
+    save_checkpoint(create_model(factory, **config).eval(), root / model, name=model, classes=CLASSES,
                     provenance={"note": "random weights, for timing only"})
     return root / model
 

@@ -33,13 +33,13 @@ from models.core.allocator import keep_freed_memory
 from models.core.budget import POLICIES
 from models.core.checkpoint import load_checkpoint
 from models.core.precision import DTYPES
-from models.core.registry import FACTORIES, compact
+from models.core.registry import compact, create_model
 
 MODELS = {
-    "acs_densenet40": lambda: FACTORIES["acs_densenet40"](gate="acs"),
-    "acs_densenet40_cheap": lambda: FACTORIES["acs_densenet40"](gate="cheap"),
-    "densenet40": lambda: FACTORIES["densenet40"](),
-    "g_resnext29": lambda: FACTORIES["g_resnext29"](gate="acs"),
+    "acs_densenet40": lambda: create_model("acs_densenet40", gate="acs"),
+    "acs_densenet40_cheap": lambda: create_model("acs_densenet40", gate="cheap"),
+    "densenet40": lambda: create_model("densenet40"),
+    "g_resnext29": lambda: create_model("g_resnext29", gate="acs"),
 }
 
 

@@ -20,7 +20,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from models.core.registry import FACTORIES
+from models.core.registry import create_model
 
 
 def step(model, x, y, budgets, bf16: bool) -> None:
@@ -33,7 +33,7 @@ def step(model, x, y, budgets, bf16: bool) -> None:
 def measure(args) -> list[dict]:
     rows = []
     for name in args.models:
-        model = FACTORIES[name]().to(memory_format=torch.channels_last).train()
+        model = create_model(name).to(memory_format=torch.channels_last).train()
         x = torch.randn(args.batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
         y = torch.randint(0, 10, (args.batch,))
         budgets = torch.rand(args.batch) * 0.8 + 0.2

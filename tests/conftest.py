@@ -3,6 +3,14 @@ import torch
 
 torch.set_num_threads(1)
 
+AREAS = ("models", "service", "training", "deploy", "bench")  # folders and markers: -m "not deploy"
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.path.parent.name in AREAS:
+            item.add_marker(item.path.parent.name)
+
 
 def randomize_bn(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Give every BatchNorm trained-looking statistics and affine parameters (freshly

@@ -25,7 +25,7 @@ import copy
 import torch
 
 from models.core.base import GatedNetwork
-from models.core.budget import CalibrationTable
+from models.core.budget import CalibrationTable, budget_grid
 from models.networks.slimmable import SlimmableResNet, recalibrate_bn
 
 from .data import normalize
@@ -52,13 +52,6 @@ def threshold_pass(model: GatedNetwork, images: torch.Tensor, taus: torch.Tensor
         ratios.append(model.budget_ratio(cost).view(k, b).cpu())
         kept += cost.kept.view(k, b, layers).sum(1).cpu()
     return torch.cat(ratios, 1), kept / len(images)
-
-
-def budget_grid(floor: float, step: float) -> list[float]:
-    """The floor, then step, 2 step, ... 1.0 as float32 values: requests arrive as float32, and
-    the table's per-layer counts are looked up by exact comparison with its budgets."""
-    grid = torch.tensor([i * step for i in range(1, round(1 / step) + 1)], dtype=torch.float32)
-    return [floor] + [b for b in grid.double().tolist() if b > floor + 1e-6]
 
 
 SWEEP_POINTS = 24

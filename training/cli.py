@@ -22,6 +22,7 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 
 from models.core.budget import POLICIES
+from models.core.registry import architecture_names, model_names
 from models.networks.slimmable import SlimmableResNet
 
 from .calibrate import bn_check, calibrate, recalibrate_widths
@@ -49,7 +50,9 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
             help += f" (default {default}" + ("" if fast is None else f"; fast recipe {fast}") + ")"
         p.add_argument(flag, default=SUPPRESS, help=help.strip(), **kw)
     a("--data", help="image folders (train/<class>, test/<class>), cifar-10-batches-py, or a cache file")
-    a("--arch", help="acs_densenet40 (default), densenet40, g_resnext29/50/101, densenet, resnext")
+    a("--arch", help=f"a model ({', '.join(model_names())}) or an architecture with its config defaults "
+                     f"({', '.join(architecture_names())}); models win where the names meet "
+                     "(default acs_densenet40)")
     a("--config", dest="model_config", type=json.loads,
       help='architecture config overrides as JSON, e.g. \'{"gate": "cheap", "growth": 12}\'')
     a("--dataset-name", help="name in the model card and manifest (default: the data folder's name)")

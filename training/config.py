@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
+from models.core import registry
 from models.core.base import GatedNetwork
-from models.core.registry import FACTORIES, build_model
 
 from .data import Dataset, holdout_split, load_dataset, subset
 from .state import read_config
@@ -87,12 +87,10 @@ def load_splits(cfg: TrainConfig) -> Splits:
                   subset(torch.arange(len(data.test_y)), cfg.limit, cfg.seed))
 
 
-def create_model(cfg: TrainConfig, num_classes: int, image_size: int) -> GatedNetwork:
-    """A new network: a registry factory name or an architecture name, with config overrides."""
-    kwargs = {"input_size": image_size, **cfg.model_config}
-    if cfg.arch in FACTORIES:
-        return FACTORIES[cfg.arch](num_classes=num_classes, **kwargs)
-    return build_model(cfg.arch, {"num_classes": num_classes, **kwargs})
+def new_model(cfg: TrainConfig, num_classes: int, image_size: int) -> GatedNetwork:
+    """A new network of the run's --arch name (`registry.create_model`) and --config overrides."""
+    return registry.create_model(cfg.arch, num_classes=num_classes,
+                                 **{"input_size": image_size, **cfg.model_config})
 
 
 def run_config(directory: str | Path, **overrides) -> TrainConfig:

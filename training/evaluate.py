@@ -2,7 +2,7 @@
 policy, written as JSON, a Markdown table and an accuracy-vs-MACs plot (PNG).
 
 The masked reference forward is measured (eval mode); the compact executor computes the
-same logits and keep-masks (tests/test_compact.py), so the figures hold for serving.
+same logits and keep-masks (tests/models/test_contract.py), so the figures hold for serving.
 """
 
 from __future__ import annotations

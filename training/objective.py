@@ -1,8 +1,9 @@
 """The training objective: one model for every budget.
 
-Each step runs the batch at several budgets (`sample_budgets`): the full budget with
-cross-entropy on the labels, then the floor and random budgets distilled in place from the
-full-budget output (soft cross-entropy), as slimmable networks do. Every pass adds a
+Each step runs the batch in named passes (`sandwich_passes`), each at a budget and with its
+own rules (`Pass`): `full` (budget 1.0) with cross-entropy on the labels, then `floor` and
+`random` budgets distilled in place from the full pass's output (soft cross-entropy), as
+slimmable networks do. Every pass adds a
 compute-cost term, (mean executed-MAC ratio - effective budget)^2, that drives the threshold
 policy's executed MACs toward the budget; the first pass adds the DGConv regularizer.
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -32,16 +34,40 @@ from models.core.base import ForwardInfo, GatedNetwork
 from models.core.budget import CalibrationTable
 
 
-def sample_budgets(floor: float, random: int, generator: torch.Generator,
-                   low: float | None = None) -> list[float]:
-    """One step's budgets: full (1.0) first, the floor, then `random` uniform in [low, 1].
+@dataclass(frozen=True)
+class Pass:
+    """One forward and backward of a training step: its kind, its budget and their rules."""
 
-    `low` defaults to the floor. An ungated (dense) network has the single budget 1.0.
+    kind: Literal["full", "floor", "random"]
+    budget: float
+
+    @property
+    def teaches(self) -> bool:
+        """Learns from the labels and regularizes; its output is the others' teacher."""
+        return self.kind == "full"
+
+    @property
+    def gates_learn(self) -> bool:
+        """Only random budgets train the gates: keep-all and keep-none masks ignore the scores."""
+        return self.kind == "random"
+
+    def batch_stats(self, model: GatedNetwork) -> bool:
+        """BN normalizes with batch statistics (and updates its running ones): the full pass,
+        and every pass of a network whose widths are not input-dependent (slimmable)."""
+        return self.kind == "full" or not model.adaptive
+
+
+def sandwich_passes(floor: float, random: int, generator: torch.Generator,
+                    low: float | None = None) -> list[Pass]:
+    """One step's passes: full first, the floor, then `random` budgets uniform in [low, 1].
+
+    `low` defaults to the floor. An ungated (dense) network has the full pass only.
     """
     if floor >= 1.0:
-        return [1.0]
+        return [Pass("full", 1.0)]
     low = floor if low is None else max(low, floor)
-    return [1.0, floor, *(low + (1 - low) * torch.rand(random, generator=generator)).tolist()]
+    budgets = (low + (1 - low) * torch.rand(random, generator=generator)).tolist()
+    return [Pass("full", 1.0), Pass("floor", floor), *(Pass("random", b) for b in budgets)]
 
 
 def per_sample_budgets(batch: int, floor: float, full_fraction: float, generator: torch.Generator,

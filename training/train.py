@@ -2,7 +2,7 @@
 
 Two budget schedules (`budget_schedule`):
 - `sandwich`: every step runs the batch at the full budget, the floor and random budgets
-  (`objective.sample_budgets`) and backpropagates each pass's loss at once (the graph of one
+  (`objective.sandwich_passes`) and backpropagates each pass's loss at once (the graph of one
   pass is freed before the next; under DDP the gradients are all-reduced once, after the
   last pass); the lower budgets are distilled from the full pass.
 - `per-sample`: one pass a step, every image with its own budget (`full_fraction` of them
@@ -37,16 +37,17 @@ from tqdm import tqdm
 from models.core.base import GatedNetwork
 from models.core.registry import describe
 
-from .config import Splits, TrainConfig, create_model, load_splits
+from .config import Splits, TrainConfig, load_splits, new_model
 from .data import alternating_flips, augment, epoch_order, normalize
 from .evaluate import measure
 from .objective import (
     CostModel,
     Objective,
+    Pass,
     gates_frozen,
     per_sample_budgets,
     running_bn,
-    sample_budgets,
+    sandwich_passes,
     training_table,
 )
 from .recipe import Lookahead, autocast_for, make_optimizer, set_learning_rate
@@ -137,7 +138,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> GatedNetwork:
     data = splits.data
 
     torch.manual_seed(cfg.seed)
-    model = create_model(cfg, len(data.classes), data.image_size)
+    model = new_model(cfg, len(data.classes), data.image_size)
     if ranks.main and not resume:
         architecture, model_config = describe(model)
         write_json(run / CONFIG, {
@@ -205,8 +206,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> GatedNetwork:
                 step = per_sample_step(net, model, objective, x, labels[index], budgets, autocast,
                                        teacher, cfg.freeze_bn)
             else:
-                budgets = sample_budgets(floor, cfg.random_budgets, budget_rng, cfg.min_budget)
-                step = train_step(net, model, ddp, objective, x, labels[index], budgets, autocast,
+                passes = sandwich_passes(floor, cfg.random_budgets, budget_rng, cfg.min_budget)
+                step = train_step(net, model, ddp, objective, x, labels[index], passes, autocast,
                                   cfg.freeze_bn)
             if cfg.grad_clip:
                 step["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -247,28 +248,28 @@ def train(cfg: TrainConfig, resume: bool = False) -> GatedNetwork:
 
 
 def train_step(net, model: GatedNetwork, ddp: DistributedDataParallel | None, objective: Objective,
-               x: torch.Tensor, y: torch.Tensor, budgets: list[float], autocast,
+               x: torch.Tensor, y: torch.Tensor, passes: list[Pass], autocast,
                freeze_bn: bool = False) -> dict:
-    """Forward and backward at every budget of a step (the full one first: its output is the
-    teacher). Returns loss, accuracy (full budget), executed-MAC ratio and budget (the random
-    budgets), as tensors."""
+    """Forward and backward of every pass of a step (the full one first: its output is the
+    teacher), each under its own rules. Returns loss, accuracy (full pass), executed-MAC ratio
+    and budget (the random passes, else all), as tensors."""
     teacher, losses, parts = None, [], []
-    for i, budget in enumerate(budgets):
-        sync = ddp is None or i == len(budgets) - 1  # all-reduce the summed gradients once
-        frozen = freeze_bn or (i > 0 and model.adaptive)
+    for i, p in enumerate(passes):
+        sync = ddp is None or i == len(passes) - 1  # all-reduce the summed gradients once
+        frozen = freeze_bn or not p.batch_stats(model)
         with nullcontext() if sync else ddp.no_sync():
             with (autocast, running_bn(model) if frozen else nullcontext(),
-                  gates_frozen(model) if i < 2 else nullcontext()):
+                  nullcontext() if p.gates_learn else gates_frozen(model)):
                 # a tensor budget: torch.compile does not specialize (recompile) on its value
-                logits, info = net(x, budget=torch.tensor(budget), return_info=True)
-            loss, stats = objective(model, logits, info, labels=y, teacher=teacher, regularize=i == 0)
+                logits, info = net(x, budget=torch.tensor(p.budget), return_info=True)
+            loss, stats = objective(model, logits, info, labels=y, teacher=teacher, regularize=p.teaches)
             loss.backward()
-        if teacher is None:
+        if p.teaches:
             teacher = logits.detach().float().softmax(1)
             accuracy = (logits.argmax(1) == y).float().mean()
         losses.append(loss.detach())
         parts.append(stats)
-    partial = parts[2:] or parts  # the random budgets, if any
+    partial = [s for p, s in zip(passes, parts, strict=True) if p.kind == "random"] or parts
     return {"loss": sum(losses), "acc": accuracy,
             "ratio": sum(p["ratio"] for p in partial) / len(partial),
             "target": sum(p["target"] for p in partial) / len(partial)}

@@ -81,6 +81,10 @@ class DGConv2d(nn.Module):
         """Number of non-zeros of U, 2^(K + sum g), differentiable through the STE."""
         return torch.prod(2 + 2 * self.gates())
 
+    def penalty(self) -> torch.Tensor:
+        """The network regularizer's term: the non-zeros of U over C^2."""
+        return self.regularizer() / self.channels**2
+
     def groups(self) -> int:
         """Channel groups the eval convolution runs with: C / 2^(sum g) when sorted, else 1."""
         if not self.sort:

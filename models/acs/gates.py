@@ -11,16 +11,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.base import Gate
 from ..core.gather import conv1x1_gathered, linear_gathered
+from ..core.macs import conv_out
 from .dgconv import DGConv2d
 
 
-def _conv_out(size: int, stride: int = 2) -> int:
-    """Spatial size after a 3x3 convolution with padding 1."""
-    return (size - 1) // stride + 1
-
-
-class ACSGate(nn.Module):
+class ACSGate(Gate):
     """ACS-GN: 1x1 conv -> DGConv 3x3 s2 -> BN -> ReLU -> DGConv 3x3 -> GAP -> 1x1 -> sigmoid.
 
     Global average pooling makes it work at 32x32 and any larger (or smaller) input.
@@ -44,7 +41,7 @@ class ACSGate(nn.Module):
     def macs(self, in_channels: int, height: int, width: int) -> int:
         """MACs for one sample reading `in_channels` channels of a height x width input."""
         hidden = self.reduce.out_channels
-        pixels = _conv_out(height) * _conv_out(width)
+        pixels = conv_out(height, 2) * conv_out(width, 2)
         return (
             height * width * in_channels * hidden
             + pixels * (self.dg1.macs_per_pixel() + self.dg2.macs_per_pixel())
@@ -52,7 +49,7 @@ class ACSGate(nn.Module):
         )
 
 
-class CheapGate(nn.Module):
+class CheapGate(Gate):
     """FBS-style gate: global average pool -> fully connected -> sigmoid."""
 
     def __init__(self, in_channels: int, out_channels: int) -> None:

@@ -8,12 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..acs.dgconv import DGConv2d
-from ..acs.gates import GATES
-from .budget import BudgetPlan, CalibrationTable, uniform_counts
+from .budget import GRID_STEP, BudgetPlan, CalibrationTable, budget_grid, largest_within, uniform_counts
 from .macs import Cost
-
-DEFAULT_GRID_STEP = 0.05
 
 
 @dataclass
@@ -36,14 +32,21 @@ def masks_from_counts(counts: list[int], totals: list[int], groups: list[int]) -
     return masks
 
 
+class Gate(nn.Module):
+    """Base of the modules whose outputs are gate scores (training can detach them)."""
+
+
 class GatedNetwork(nn.Module):
-    """Base of the ACS networks; `budget` is a per-call argument, never module state.
+    """Base of the gated networks; `budget` is a per-call argument, never module state.
 
     `budget_unit`: what a budget is a fraction of (dense MACs, unless a network says
     otherwise, as DFS does with BitOps); `adaptive`: whether the cost at a budget depends on
     the input (it does not for slimmable widths: nothing to calibrate on data).
     """
 
+    architecture: str  # the name a manifest stores
+    config_class: type  # its config dataclass (with `to_dict`)
+    executor: str  # its compact executor: "module.Class", a module beside the network's
     input_size: int = 32
     budget_unit: str = "macs"
     adaptive: bool = True
@@ -69,11 +72,23 @@ class GatedNetwork(nn.Module):
 
     def gate_modules(self) -> list[nn.Module]:
         """The modules whose outputs are gate scores (training can detach them)."""
-        return [m for m in self.modules() if isinstance(m, tuple(GATES.values()))]
+        return [m for m in self.modules() if isinstance(m, Gate)]
 
     def run(self, x: torch.Tensor, plan: BudgetPlan) -> tuple[torch.Tensor, list, list]:
         """Masked reference execution: (logits, masks, scores)."""
         raise NotImplementedError
+
+    def run_extra(self, x: torch.Tensor, plan: BudgetPlan) -> tuple[torch.Tensor, list, list, dict]:
+        """`run`, plus the method-specific data of this call that `macs` takes as keyword
+        arguments: the extension point of a method whose cost depends on more than the
+        masks (channel gating's open pixels). None by default."""
+        return *self.run(x, plan), {}
+
+    def straight_through(self, hard: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """A hard keep-mask in the scores' dtype; in training, with the scores' gradient
+        (straight-through: the decision forward, the gate's gradient backward)."""
+        hard = hard.to(scores.dtype)
+        return hard + scores - scores.detach() if self.training else hard
 
     @property
     def min_input_size(self) -> int:
@@ -113,11 +128,12 @@ class GatedNetwork(nn.Module):
         """Logits for x at the given budget(s); with return_info, also masks and cost."""
         self.check_input(x)
         plan = self.plan(budget, policy, x.shape[0], x.device)
-        logits, masks, scores = self.run(x, plan)
+        logits, masks, scores, extra = self.run_extra(x, plan)
         if not return_info:
             return logits
         hard = [(m.detach() > 0) for m in masks]
-        return logits, ForwardInfo(plan, masks, scores, self.macs(hard, *x.shape[-2:], batch=x.shape[0]))
+        cost = self.macs(hard, *x.shape[-2:], batch=x.shape[0], **extra)
+        return logits, ForwardInfo(plan, masks, scores, cost)
 
     def count_cost(self, counts: list[int], height: int | None = None,
                    width: int | None = None) -> Cost:
@@ -130,7 +146,7 @@ class GatedNetwork(nn.Module):
         """Executed-MAC ratio with every gated channel skipped, at the native input size."""
         return float(self.count_cost([0] * len(self.gated_totals())).ratio[0])
 
-    def uniform_table(self, step: float = DEFAULT_GRID_STEP) -> CalibrationTable:
+    def uniform_table(self, step: float = GRID_STEP) -> CalibrationTable:
         """A data-free table: every layer keeps the same fraction r(b); tau(b) = 1 - r(b)."""
         totals, groups = self.gated_totals(), self.gated_groups()
         if not totals:
@@ -145,24 +161,13 @@ class GatedNetwork(nn.Module):
         def cost(i: int) -> float:
             return float(self.count_cost(uniform_counts(totals, groups, ratios[i])).ratio[0])
 
-        budgets = [floor] + [b for b in _grid(step) if b > floor + 1e-6]
-        taus, counts = [], []
-        for b in budgets:
-            lo, hi = 0, len(ratios) - 1  # the largest i with cost(i) <= b; cost(0) is the floor
-            while lo < hi:
-                mid = (lo + hi + 1) // 2
-                lo, hi = (mid, hi) if cost(mid) <= b + 1e-9 else (lo, mid - 1)
-            r = ratios[lo]
-            counts.append(uniform_counts(totals, groups, r))
-            taus.append(1.0 - r)
-        return CalibrationTable(budgets, taus, counts, floor, "uniform")
+        budgets = budget_grid(floor, step)
+        best = [ratios[largest_within(cost, len(ratios), b)] for b in budgets]
+        counts = [uniform_counts(totals, groups, r) for r in best]
+        return CalibrationTable(budgets, [1.0 - r for r in best], counts, floor, "uniform")
 
     def regularizer(self) -> torch.Tensor:
-        """Sum over DGConv layers of their non-zeros of U over C^2 (0 when there are none)."""
-        terms = [m.regularizer() / m.channels**2 for m in self.modules() if isinstance(m, DGConv2d)]
+        """Sum of the `penalty()` of every submodule that has one (DGConv's learned grouping);
+        0 when there are none."""
+        terms = [m.penalty() for m in self.modules() if m is not self and hasattr(m, "penalty")]
         return torch.stack(terms).sum() if terms else torch.zeros(())
-
-
-def _grid(step: float) -> list[float]:
-    n = round(1 / step)
-    return [round(i * step, 6) for i in range(1, n + 1)]

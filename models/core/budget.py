@@ -7,16 +7,21 @@ included). Below the network's floor it is clamped to the floor.
 - topk: keep the best counts_l(b) channels of each layer; the same cost for every request.
 - cap: threshold, but never more than topk keeps per layer (and group), so no request
   costs more than b; the best scores are kept first.
+
+`PrefixPlan` keeps prefixes instead (slimmable widths, DFS's precision levels): the policy
+decides how many entries a layer keeps, the order which ones.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 import torch
 
+GRID_STEP = 0.05  # budget spacing of data-free tables
 POLICIES = ("threshold", "topk", "cap")
 
 
@@ -108,13 +113,14 @@ class BudgetPlan:
 
     @classmethod
     def resolve(cls, table: CalibrationTable, budget, policy: str, batch: int,
-                device: torch.device) -> BudgetPlan:
+                device: torch.device, **extra) -> BudgetPlan:
+        """The plan of a call; `extra`: a subclass's own fields."""
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r}; expected one of {list(POLICIES)}")
         requested = as_budget(budget, batch, device)
         effective = table.clamp(requested)
         return cls(policy, requested, effective, table.tau(effective),
-                   table.layer_counts(effective))
+                   table.layer_counts(effective), **extra)
 
     def select(self, layer: int, scores: torch.Tensor, groups: int = 1) -> torch.Tensor:
         """Boolean keep-mask (B, C) for gated layer `layer` from its gate scores (B, C)."""
@@ -135,11 +141,47 @@ class BudgetPlan:
         return keep
 
     def rows(self, index: torch.Tensor) -> BudgetPlan:
-        """The plan for a subset of the batch."""
-        return BudgetPlan(self.policy, self.requested[index], self.effective[index],
-                          self.tau[index], self.counts[index])
+        """The plan for a subset of the batch (every per-sample tensor field indexed)."""
+        return replace(self, **{f.name: getattr(self, f.name)[index] for f in fields(self)
+                                            if isinstance(getattr(self, f.name), torch.Tensor)})
+
+
+def budget_grid(floor: float, step: float = GRID_STEP) -> list[float]:
+    """A table's budgets: the floor, then step, 2 step, ... 1.0 as float32 values (requests
+    arrive as float32, and a table's per-layer counts are looked up by comparison with its
+    budgets)."""
+    grid = torch.tensor([i * step for i in range(1, round(1 / step) + 1)], dtype=torch.float32)
+    return [floor] + [b for b in grid.double().tolist() if b > floor + 1e-6]
+
+
+def largest_within(cost: Callable[[int], float], n: int, budget: float) -> int:
+    """The largest i < n with cost(i) <= budget, for a cost non-decreasing in i (cost(0) is
+    taken to fit: the floor)."""
+    lo, hi = 0, n - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if cost(mid) <= budget + 1e-9 else (lo, mid - 1)
+    return lo
 
 
 def uniform_counts(totals: list[int], groups: list[int], ratio: float) -> list[int]:
     """Keep `ratio` of each layer's channels, rounded down to a multiple of its groups."""
     return [int(math.floor(ratio * t / g + 1e-9)) * g for t, g in zip(totals, groups, strict=True)]
+
+
+def prefix_mask(counts: torch.Tensor, total: int) -> torch.Tensor:
+    """(B, total) bool masks keeping the first counts[b] entries of each row."""
+    return torch.arange(total, device=counts.device)[None] < counts[:, None]
+
+
+@dataclass
+class PrefixPlan(BudgetPlan):
+    """A budget plan whose masks are prefixes: as many leading entries as the policy keeps.
+
+    With scores that do not increase along a layer (DFS's thermometer scores) this is what
+    the policy selects anyway; it also settles ties, so masks are always prefixes.
+    """
+
+    def select(self, layer: int, scores: torch.Tensor, groups: int = 1) -> torch.Tensor:
+        keep = super().select(layer, scores, groups)
+        return prefix_mask(keep.sum(1), scores.shape[1])

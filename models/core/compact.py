@@ -45,6 +45,16 @@ class Step:
     zero: callable | None = None  # (state after a shared keep (1, C), own (B, kept)) -> state
 
 
+def stem_step(stem) -> Step:
+    """The ungated first step: state "h" = stem(input)."""
+    return Step(lambda state, keep: {"h": stem(state["x"])})
+
+
+def head_step(fc) -> Step:
+    """The ungated last step: logits = fc(global average pool of "h")."""
+    return Step(lambda state, keep: {"logits": fc(state["h"].mean((2, 3)))})
+
+
 class CompactExecutor:
     """Runs a network's compact steps with the network's budget policies."""
 
@@ -57,7 +67,7 @@ class CompactExecutor:
                  return_info: bool = False, per_sample: bool = False):
         self.model.check_input(x)
         plan = self.model.plan(budget, policy, x.shape[0], x.device)
-        state = {"x": x}
+        state = self.initial_state(x, plan)
         if per_sample and x.shape[0] > 1:
             logits, masks = self._split(state, plan, 0, None, torch.arange(x.shape[0]))
         elif x.shape[0] > UNION_BATCH and any(self._unites(s, policy) for s in self.steps):
@@ -67,7 +77,17 @@ class CompactExecutor:
             logits, masks = self._execute(state, plan, 0, None)
         if not return_info:
             return logits
-        return logits, ForwardInfo(plan, masks, [], self.model.macs(masks, *x.shape[-2:], batch=x.shape[0]))
+        cost = self.model.macs(masks, *x.shape[-2:], batch=x.shape[0], **self.cost_extra(state))
+        return logits, ForwardInfo(plan, masks, [], cost)
+
+    def initial_state(self, x: torch.Tensor, plan: BudgetPlan) -> State:
+        """The state the first step reads; an executor adds per-call data here."""
+        return {"x": x}
+
+    def cost_extra(self, state: State) -> dict:
+        """Keyword arguments for the model's `macs` from the initial state after the call
+        (see GatedNetwork.run_extra). None by default."""
+        return {}
 
     @staticmethod
     def _unites(step: Step, policy: str) -> bool:

@@ -61,3 +61,8 @@ def kept_counts(masks: list[torch.Tensor], batch: int, device=None) -> torch.Ten
     if all(m.shape == masks[0].shape for m in masks):
         return torch.stack(masks, 1).count_nonzero(2)
     return torch.stack([m.count_nonzero(1) for m in masks], 1)
+
+
+def conv_out(size: int, stride: int) -> int:
+    """Spatial size after a 3x3 convolution with padding 1, or a 1x1 with padding 0."""
+    return (size - 1) // stride + 1

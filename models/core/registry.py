@@ -1,55 +1,92 @@
-"""Architectures by name: build from a config, describe a model, pick its compact executor."""
+"""Networks by name.
+
+Every factory is registered where it is defined, with `@register_model(Network)`: its record
+holds the name, the factory, the network class, and through the class the architecture name
+that manifests store, the config class and the compact executor.
+
+Names: a model name (`acs_densenet40`, `fastnet`) is a registered factory; an architecture
+name (`densenet`, `fastnet`) is a network class with its config's defaults. `create_model`
+resolves a name given by a person (the training CLI, benchmarks), and model names win where
+the two meet (`fastnet` is the dense model; the gated one is `acs_fastnet`). A manifest
+stores the architecture and its full config, which `build_model` rebuilds exactly.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
-from ..networks.channel_gating import CGResNet, CGResNetConfig, cg_resnet20, resnet20
-from ..networks.channel_gating_compact import CompactCGResNet
-from ..networks.densenet import ACSDenseNet, DenseNetConfig, acs_densenet40, densenet40
-from ..networks.densenet_compact import CompactDenseNet
-from ..networks.dfs import DFSResNet, DFSResNetConfig, dfs_resnet38, resnet38
-from ..networks.dfs_compact import CompactDFSResNet
-from ..networks.fastnet import FastNet, FastNetConfig, acs_fastnet, fastnet
-from ..networks.fastnet_compact import CompactFastNet
-from ..networks.resnext import GResNeXt, ResNeXtConfig, g_resnext29, g_resnext50, g_resnext101
-from ..networks.resnext_compact import CompactResNeXt
-from ..networks.slimmable import SlimmableResNet, SlimmableResNetConfig, slimmable_resnet20
-from ..networks.slimmable_compact import CompactSlimmableResNet
 from .base import GatedNetwork
 from .compact import CompactExecutor
 
-ARCHITECTURES = {
-    "densenet": (ACSDenseNet, DenseNetConfig, CompactDenseNet),
-    "resnext": (GResNeXt, ResNeXtConfig, CompactResNeXt),
-    "slimmable_resnet": (SlimmableResNet, SlimmableResNetConfig, CompactSlimmableResNet),
-    "cg_resnet": (CGResNet, CGResNetConfig, CompactCGResNet),
-    "dfs_resnet": (DFSResNet, DFSResNetConfig, CompactDFSResNet),
-    "fastnet": (FastNet, FastNetConfig, CompactFastNet),
-}
 
-FACTORIES = {
-    "acs_fastnet": acs_fastnet,
-    "fastnet": fastnet,
-    "acs_densenet40": acs_densenet40,
-    "densenet40": densenet40,
-    "g_resnext29": g_resnext29,
-    "g_resnext50": g_resnext50,
-    "g_resnext101": g_resnext101,
-    "slimmable_resnet20": slimmable_resnet20,
-    "cg_resnet20": cg_resnet20,
-    "resnet20": resnet20,
-    "dfs_resnet38": dfs_resnet38,
-    "resnet38": resnet38,
-}
+@dataclass(frozen=True)
+class ModelRecord:
+    """A registered model: its factory and the network class that the factory builds."""
+
+    name: str
+    factory: Callable[..., GatedNetwork]
+    network: type[GatedNetwork]
+    smoke: dict = field(default_factory=dict)  # config overrides of a small instance (tests)
+
+    @property
+    def architecture(self) -> str:
+        return self.network.architecture
+
+    @property
+    def config(self) -> type:
+        return self.network.config_class
+
+    @property
+    def executor(self) -> type[CompactExecutor]:
+        return executor_class(self.network)
+
+
+def executor_class(network: type[GatedNetwork]) -> type[CompactExecutor]:
+    """The compact executor class that a network names as 'module.Class' (a module beside
+    the network's: an executor imports its network, so the network cannot import it)."""
+    module, _, cls = network.executor.rpartition(".")
+    package = network.__module__.rpartition(".")[0]
+    return getattr(importlib.import_module(f"{package}.{module}"), cls)
+
+
+MODELS: dict[str, ModelRecord] = {}
+
+
+def register_model(network: type[GatedNetwork], smoke: dict | None = None):
+    """Decorator: register a factory under its function name as building `network`."""
+    def register(factory: Callable[..., GatedNetwork]) -> Callable[..., GatedNetwork]:
+        if factory.__name__ in MODELS:
+            raise ValueError(f"model {factory.__name__!r} is registered twice")
+        MODELS[factory.__name__] = ModelRecord(factory.__name__, factory, network, smoke or {})
+        return factory
+    return register
+
+
+def _networks() -> dict[str, type[GatedNetwork]]:
+    """Architecture name -> network class, over the registered models."""
+    import models.networks  # noqa: F401  (registers every network)
+
+    return {r.architecture: r.network for r in MODELS.values()}
+
+
+def model_names() -> list[str]:
+    _networks()
+    return sorted(MODELS)
+
+
+def architecture_names() -> list[str]:
+    return sorted(_networks())
 
 
 def make_config(architecture: str, config: dict):
     """The architecture's config dataclass from a plain dict (JSON lists become tuples)."""
-    if architecture not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {architecture!r}; "
-                         f"expected one of {sorted(ARCHITECTURES)}")
-    config_cls = ARCHITECTURES[architecture][1]
+    networks = _networks()
+    if architecture not in networks:
+        raise ValueError(f"unknown architecture {architecture!r}; expected one of {sorted(networks)}")
+    config_cls = networks[architecture].config_class
     names = {f.name for f in dataclasses.fields(config_cls)}
     unknown = sorted(set(config) - names)
     if unknown:
@@ -58,19 +95,31 @@ def make_config(architecture: str, config: dict):
 
 
 def build_model(architecture: str, config: dict) -> GatedNetwork:
-    """A freshly initialized network of a named architecture ('densenet', 'resnext')."""
-    config = make_config(architecture, config)
-    return ARCHITECTURES[architecture][0](config)
+    """A freshly initialized network of an architecture and config (as a manifest stores them)."""
+    config = make_config(architecture, config)  # checks the name and the keys
+    return _networks()[architecture](config)
+
+
+def create_model(name: str, **overrides) -> GatedNetwork:
+    """A freshly initialized model by name: a registered model with config overrides, else
+    an architecture with its config defaults and the overrides."""
+    _networks()
+    if name in MODELS:
+        return MODELS[name].factory(**overrides)
+    if name in _networks():
+        return build_model(name, overrides)
+    raise ValueError(f"unknown model {name!r}; expected a model ({', '.join(model_names())}) "
+                     f"or an architecture ({', '.join(architecture_names())})")
 
 
 def describe(model: GatedNetwork) -> tuple[str, dict]:
     """(architecture name, config dict) of a model, as stored in a manifest."""
-    for name, (model_cls, _, _) in ARCHITECTURES.items():
-        if type(model) is model_cls:
-            return name, model.config.to_dict()
-    raise TypeError(f"not a registered architecture: {type(model).__name__}")
+    if _networks().get(getattr(model, "architecture", None)) is not type(model):
+        raise TypeError(f"not a registered architecture: {type(model).__name__}")
+    return model.architecture, model.config.to_dict()
 
 
 def compact(model: GatedNetwork) -> CompactExecutor:
     """The compact inference executor of a model (puts the model in eval mode)."""
-    return ARCHITECTURES[describe(model)[0]][2](model)
+    describe(model)
+    return executor_class(type(model))(model)

@@ -36,10 +36,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.base import ForwardInfo, GatedNetwork
+from ..core.base import GatedNetwork
 from ..core.budget import BudgetPlan
-from ..core.macs import Cost, kept_counts
-from .cifar_resnet import conv_out, resnet_layout
+from ..core.macs import Cost, conv_out, kept_counts
+from ..core.registry import register_model
+from .cifar_resnet import resnet_layout
 
 
 @dataclass(frozen=True)
@@ -144,6 +145,11 @@ class CGBlock(nn.Module):
 class CGResNet(GatedNetwork):
     """Channel-gated CIFAR ResNet; see the module docstring for the budget mapping."""
 
+    architecture = "cg_resnet"
+    config_class = CGResNetConfig
+    executor = "channel_gating_compact.CompactCGResNet"
+
+
     def __init__(self, config: CGResNetConfig) -> None:
         super().__init__()
         self.config = config
@@ -168,20 +174,8 @@ class CGResNet(GatedNetwork):
     def gate_modules(self) -> list[nn.Module]:
         return [conv.gate for conv in self.convs() if conv.gate is not None]
 
-    def forward(self, x: torch.Tensor, budget: float | torch.Tensor | None = None,
-                policy: str = "threshold", return_info: bool = False):
-        """As GatedNetwork.forward; the cost also carries the per-pixel (ideal) MAC count."""
-        self.check_input(x)
-        plan = self.plan(budget, policy, x.shape[0], x.device)
-        logits, masks, scores, open_pixels = self._run(x, plan)
-        if not return_info:
-            return logits
-        hard = [(m.detach() > 0) for m in masks]
-        cost = self.macs(hard, *x.shape[-2:], batch=x.shape[0], open_pixels=open_pixels)
-        return logits, ForwardInfo(plan, masks, scores, cost)
-
     def run(self, x: torch.Tensor, plan: BudgetPlan):
-        return self._run(x, plan)[:3]
+        return self.run_extra(x, plan)[:3]
 
     def _gated_conv(self, conv: ChannelGatedConv2d, x: torch.Tensor, plan: BudgetPlan,
                     masks: list, scores: list, open_pixels: list) -> torch.Tensor:
@@ -193,22 +187,21 @@ class CGResNet(GatedNetwork):
         keep = plan.select(len(masks), channel_scores)
         pixels = pixel_mask(plan.policy, plan.tau, keep, s)
         open_pixels.append(pixels.sum((1, 2, 3)))
-        pm, cm = pixels.to(s.dtype), keep.to(s.dtype)
-        if self.training:  # straight-through: hard decisions forward, sigmoid gradients back
-            pm = pm + s - s.detach()
-            cm = cm + channel_scores - channel_scores.detach()
+        pm, cm = self.straight_through(pixels, s), self.straight_through(keep, channel_scores)
         masks.append(cm)
         scores.append(channel_scores)
         return p + pm * conv.rest(x)
 
-    def _run(self, x: torch.Tensor, plan: BudgetPlan):
+    def run_extra(self, x: torch.Tensor, plan: BudgetPlan):
+        """The masked reference, and the open pixels of every gated layer (for the per-pixel
+        MAC count)."""
         masks, scores, open_pixels = [], [], []
         h = F.relu(self.stem_bn(self.stem(x)))
         for block in self.blocks:
             h1 = F.relu(block.bn1(self._gated_conv(block.conv1, h, plan, masks, scores, open_pixels)))
             h2 = block.bn2(self._gated_conv(block.conv2, h1, plan, masks, scores, open_pixels))
             h = F.relu(h2 + block.short(h))
-        return self.fc(h.mean((2, 3))), masks, scores, open_pixels
+        return self.fc(h.mean((2, 3))), masks, scores, {"open_pixels": open_pixels}
 
     def macs(self, masks: list[torch.Tensor], height: int, width: int, batch: int = 1,
              open_pixels: list[torch.Tensor] | None = None) -> ChannelGatingCost:
@@ -256,11 +249,13 @@ class CGResNet(GatedNetwork):
                                  pixel)
 
 
+@register_model(CGResNet, smoke={"blocks": (1, 1), "widths": (8, 16)})
 def cg_resnet20(num_classes: int = 10, **kwargs) -> CGResNet:
     """Channel-gated ResNet-20 (16/32/64 channels), partial sums over 1/4 of the inputs."""
     return CGResNet(CGResNetConfig(num_classes=num_classes, **kwargs))
 
 
+@register_model(CGResNet, smoke={"blocks": (1, 1), "widths": (8, 16)})
 def resnet20(num_classes: int = 10, **kwargs) -> CGResNet:
     """The dense baseline: ResNet-20, the same code with the gates off."""
     return CGResNet(CGResNetConfig(num_classes=num_classes, gate=False, **kwargs))

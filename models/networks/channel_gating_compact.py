@@ -19,8 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..core.base import ForwardInfo
-from ..core.compact import CompactExecutor, State, Step
+from ..core.compact import CompactExecutor, State, Step, head_step
 from .channel_gating import CGBlock, CGResNet, ChannelGatedConv2d, pixel_mask
 
 
@@ -67,29 +66,19 @@ class CompactCGResNet(CompactExecutor):
                 steps.append(Step(apply, gate=self._gate(conv, source), gated_index=gated,
                                   key=lambda keep: keep.sum(1)))
                 gated += 1
-        steps.append(Step(self._head_step(model)))
+        steps.append(head_step(model.fc))
         super().__init__(model, steps)
 
-    @torch.no_grad()
-    def __call__(self, x: torch.Tensor, budget=None, policy: str = "threshold",
-                 return_info: bool = False, per_sample: bool = False):
-        """As CompactExecutor; the state also carries tau and the policy (for the per-pixel
-        masks) and a record of open pixels (for the ideal per-pixel MAC count)."""
-        self.model.check_input(x)
+    def initial_state(self, x: torch.Tensor, plan) -> State:
+        """The input, tau and the policy (for the per-pixel masks), every sample's row, and a
+        record of open pixels (for the per-pixel MAC count)."""
         b = x.shape[0]
-        plan = self.model.plan(budget, policy, b, x.device)
-        record = _Record(b, self.layers, x.device)
-        state = {"x": x, "tau": plan.tau, "policy": plan.policy, "index": torch.arange(b, device=x.device),
-                 "record": record}
-        if per_sample and b > 1:
-            logits, masks = self._split(state, plan, 0, None, torch.arange(b))
-        else:
-            logits, masks = self._execute(state, plan, 0, None)
-        if not return_info:
-            return logits
-        opened = [record.open[:, i] for i in range(self.layers)]
-        cost = self.model.macs(masks, *x.shape[-2:], batch=b, open_pixels=opened)
-        return logits, ForwardInfo(plan, masks, [], cost)
+        return {"x": x, "tau": plan.tau, "policy": plan.policy, "index": torch.arange(b, device=x.device),
+                "record": _Record(b, self.layers, x.device)}
+
+    def cost_extra(self, state: State) -> dict:
+        record = state["record"]
+        return {"open_pixels": [record.open[:, i] for i in range(self.layers)]}
 
     @staticmethod
     def _stem_step(model: CGResNet):
@@ -133,10 +122,4 @@ class CompactCGResNet(CompactExecutor):
                 return {**state, "h1": F.relu(block.bn1(y))}
             h = F.relu(block.bn2(y) + block.short(state["h"]))
             return {k: v for k, v in state.items() if k != "h1"} | {"h": h}
-        return apply
-
-    @staticmethod
-    def _head_step(model: CGResNet):
-        def apply(state: State, keep) -> State:
-            return {"logits": model.fc(state["h"].mean((2, 3)))}
         return apply

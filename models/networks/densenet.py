@@ -21,6 +21,7 @@ from ..acs.gates import make_gate
 from ..core.base import GatedNetwork
 from ..core.budget import BudgetPlan
 from ..core.macs import Cost, kept_counts
+from ..core.registry import register_model
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,10 @@ class Transition(nn.Module):
 
 
 class ACSDenseNet(GatedNetwork):
+    architecture = "densenet"
+    config_class = DenseNetConfig
+    executor = "densenet_compact.CompactDenseNet"
+
     def __init__(self, config: DenseNetConfig) -> None:
         super().__init__()
         self.config = config
@@ -116,9 +121,7 @@ class ACSDenseNet(GatedNetwork):
                 out = layer(inp)
                 if layer.gate is not None:
                     s = layer.gate(inp)
-                    m = plan.select(len(masks), s).to(s.dtype)
-                    if self.training:
-                        m = m + s - s.detach()
+                    m = self.straight_through(plan.select(len(masks), s), s)
                     out = out * m[:, :, None, None]
                     masks.append(m)
                     scores.append(s)
@@ -173,11 +176,13 @@ class ACSDenseNet(GatedNetwork):
         return Cost(dense, executed, gates, kept, self.gated_totals())
 
 
+@register_model(ACSDenseNet, smoke={"growth": 8, "init_features": 16, "blocks": (2, 2, 2)})
 def acs_densenet40(num_classes: int = 10, gate: str | None = "acs", **kwargs) -> ACSDenseNet:
     """ACS DenseNet-40 as in the paper's code, with an ACS-GN gate ('acs') per dense layer."""
     return ACSDenseNet(DenseNetConfig(num_classes=num_classes, gate=gate, **kwargs))
 
 
+@register_model(ACSDenseNet, smoke={"growth": 8, "init_features": 16, "blocks": (2, 2, 2)})
 def densenet40(num_classes: int = 10, **kwargs) -> ACSDenseNet:
     """The dense baseline: the same backbone and code with the gates off."""
     return ACSDenseNet(DenseNetConfig(num_classes=num_classes, gate=None, **kwargs))

@@ -15,20 +15,9 @@ import torch.nn.functional as F
 
 from ..acs.gates import ACSGate, CheapGate
 from ..core.compact import CompactExecutor, State, Step
+from ..core.folding import bn_affine, bn_stats
 from ..core.gather import conv1x1_gathered, conv_rows_gathered, gather_rows, linear_gathered
 from .densenet import ACSDenseNet
-
-
-def bn_stats(bn: torch.nn.BatchNorm2d) -> torch.Tensor:
-    """(4, C): running mean, running var, weight, bias of a BatchNorm."""
-    return torch.stack([bn.running_mean, bn.running_var, bn.weight, bn.bias]).detach()
-
-
-def bn_affine(bn: torch.nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, shift) of an eval-mode BatchNorm."""
-    mean, var, weight, bias = bn_stats(bn)
-    scale = weight / torch.sqrt(var + bn.eps)
-    return scale, bias - mean * scale
 
 
 class _Consumer:

@@ -34,10 +34,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.base import GatedNetwork
-from ..core.budget import BudgetPlan, CalibrationTable
-from ..core.macs import Cost, kept_counts
-from .cifar_resnet import PrefixPlan, conv_out, prefix_mask, resnet_layout
+from ..core.base import Gate, GatedNetwork
+from ..core.budget import (
+    GRID_STEP,
+    BudgetPlan,
+    CalibrationTable,
+    PrefixPlan,
+    budget_grid,
+    largest_within,
+    prefix_mask,
+)
+from ..core.macs import Cost, conv_out, kept_counts
+from ..core.registry import register_model
+from .cifar_resnet import resnet_layout
 
 FULL_BITS = 32
 BITOPS_LABEL = "BitOps (fake-quantized: no wall-clock saving on CPU/GPU)"
@@ -105,7 +114,7 @@ class DFSCost(Cost):
         return self.bitops.double() / self.bitops_dense
 
 
-class DFSGate(nn.Module):
+class DFSGate(Gate):
     """Global average pool -> FC -> sigmoid, made non-increasing over the K levels."""
 
     def __init__(self, channels: int, levels: int) -> None:
@@ -162,6 +171,11 @@ class DFSBlock(nn.Module):
 class DFSResNet(GatedNetwork):
     """CIFAR ResNet with dynamic fractional skipping; see the module docstring."""
 
+    architecture = "dfs_resnet"
+    config_class = DFSResNetConfig
+    executor = "dfs_compact.CompactDFSResNet"
+
+
     budget_unit = "bitops"
 
     def __init__(self, config: DFSResNetConfig) -> None:
@@ -193,9 +207,6 @@ class DFSResNet(GatedNetwork):
     def gated_totals(self) -> list[int]:
         return [self.levels] * len(self.gated_blocks())
 
-    def gate_modules(self) -> list[nn.Module]:
-        return [block.gate for block in self.gated_blocks()]
-
     # --- budget mapping (BitOps) ---------------------------------------------------------
 
     def plan(self, budget, policy: str, batch: int, device) -> PrefixPlan:
@@ -213,7 +224,7 @@ class DFSResNet(GatedNetwork):
         """BitOps ratio with every gated block skipped, at the native input size."""
         return self.bitops_ratio([0] * len(self.gated_blocks()))
 
-    def uniform_table(self, step: float = 0.05) -> CalibrationTable:
+    def uniform_table(self, step: float = GRID_STEP) -> CalibrationTable:
         """A data-free table in BitOps: blocks are raised one level at a time, first block
         first, all to the lowest bit-width before any goes higher; each budget gets the
         largest such configuration whose BitOps ratio is <= it. tau = 1 - levels kept/all."""
@@ -227,17 +238,10 @@ class DFSResNet(GatedNetwork):
             return self.bitops_ratio(ladder[i])
 
         floor = cost(0)
-        grid = [round(i * step, 6) for i in range(1, round(1 / step) + 1)]
-        budgets = [floor] + [b for b in grid if b > floor + 1e-6]
-        taus, counts = [], []
-        for b in budgets:
-            lo, hi = 0, len(ladder) - 1  # the largest i with cost(i) <= b
-            while lo < hi:
-                mid = (lo + hi + 1) // 2
-                lo, hi = (mid, hi) if cost(mid) <= b + 1e-9 else (lo, mid - 1)
-            counts.append(ladder[lo])
-            taus.append(round(1.0 - lo / (n * k), 6))
-        return CalibrationTable(budgets, taus, counts, floor, "uniform",
+        budgets = budget_grid(floor, step)
+        best = [largest_within(cost, len(ladder), b) for b in budgets]
+        taus = [round(1.0 - i / (n * k), 6) for i in best]
+        return CalibrationTable(budgets, taus, [ladder[i] for i in best], floor, "uniform",
                                 {"budget_unit": BITOPS_LABEL, "bits": list(self.config.bits)})
 
     # --- execution and cost -------------------------------------------------------------
@@ -255,9 +259,7 @@ class DFSResNet(GatedNetwork):
                 continue
             s = block.gate(h)
             level = plan.select(len(masks), s).sum(1)
-            m = prefix_mask(level, k).to(s.dtype)
-            if self.training:
-                m = m + s - s.detach()
+            m = self.straight_through(prefix_mask(level, k), s)
             masks.append(m)
             scores.append(s)
             # one-hot of the level from the thermometer mask: m_j - m_{j+1}
@@ -316,11 +318,13 @@ class DFSResNet(GatedNetwork):
                        dense * full_ops)
 
 
+@register_model(DFSResNet, smoke={"blocks": (2, 2), "widths": (8, 16), "bits": (8, 16)})
 def dfs_resnet38(num_classes: int = 10, **kwargs) -> DFSResNet:
     """DFS ResNet-38 (3 stages of 6 basic blocks, 16/32/64 channels), bits 8/12/16."""
     return DFSResNet(DFSResNetConfig(num_classes=num_classes, **kwargs))
 
 
+@register_model(DFSResNet, smoke={"blocks": (2, 2), "widths": (8, 16), "bits": (8, 16)})
 def resnet38(num_classes: int = 10, **kwargs) -> DFSResNet:
     """The full-precision dense baseline: ResNet-38, the same code with the gates off."""
     return DFSResNet(DFSResNetConfig(num_classes=num_classes, gate=False, **kwargs))

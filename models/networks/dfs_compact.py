@@ -13,14 +13,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..core.compact import CompactExecutor, State, Step
+from ..core.compact import CompactExecutor, State, Step, head_step, stem_step
 from .dfs import DFSBlock, DFSResNet, quantize_weight
 
 
 class CompactDFSResNet(CompactExecutor):
     def __init__(self, model: DFSResNet) -> None:
         model = model.eval()
-        steps = [Step(self._stem_step(model))]
+        steps = [stem_step(lambda x: F.relu(model.stem_bn(model.stem(x))))]
         gated = 0
         for block in model.blocks:
             if block.gate is None:
@@ -29,14 +29,8 @@ class CompactDFSResNet(CompactExecutor):
             steps.append(Step(self._gated_step(block, model.config.bits), gate=self._gate(block),
                               gated_index=gated, key=lambda keep: keep.sum(1)))
             gated += 1
-        steps.append(Step(self._head_step(model)))
+        steps.append(head_step(model.fc))
         super().__init__(model, steps)
-
-    @staticmethod
-    def _stem_step(model: DFSResNet):
-        def apply(state: State, keep) -> State:
-            return {"h": F.relu(model.stem_bn(model.stem(state["x"])))}
-        return apply
 
     @staticmethod
     def _full_step(block: DFSBlock):
@@ -62,10 +56,4 @@ class CompactDFSResNet(CompactExecutor):
                 return state  # skipped: not computed
             h = state["h"]
             return {"h": F.relu(h + block.branch(h, bits[level - 1], weights[level - 1]))}
-        return apply
-
-    @staticmethod
-    def _head_step(model: DFSResNet):
-        def apply(state: State, keep) -> State:
-            return {"logits": model.fc(state["h"].mean((2, 3)))}
         return apply

@@ -29,6 +29,7 @@ from ..acs.gates import make_gate
 from ..core.base import GatedNetwork
 from ..core.budget import BudgetPlan
 from ..core.macs import Cost, kept_counts
+from ..core.registry import register_model
 
 WHITEN_KERNEL = 2
 
@@ -80,6 +81,10 @@ def conv_weight(conv: nn.Module) -> torch.Tensor:
 
 
 class FastNet(GatedNetwork):
+    architecture = "fastnet"
+    config_class = FastNetConfig
+    executor = "fastnet_compact.CompactFastNet"
+
     def __init__(self, config: FastNetConfig) -> None:
         super().__init__()
         self.config = config
@@ -142,9 +147,7 @@ class FastNet(GatedNetwork):
                 h = self.layer(i, h)
                 continue
             s = self.gates[i](h)
-            m = plan.select(i, s).to(s.dtype)
-            if self.training:
-                m = m + s - s.detach()
+            m = self.straight_through(plan.select(i, s), s)
             h = self.layer(i, h) * m.repeat_interleave(self.config.block, 1)[:, :, None, None]
             masks.append(m)
             scores.append(s)
@@ -187,11 +190,13 @@ class FastNet(GatedNetwork):
         return Cost(dense, executed, gates, kept, self.gated_totals())
 
 
+@register_model(FastNet, smoke={"widths": (16, 32, 32)})
 def acs_fastnet(num_classes: int = 10, gate: str | None = "cheap", **kwargs) -> FastNet:
     """ACS FastNet (64/256/256, cheap gates on blocks of 16 channels)."""
     return FastNet(FastNetConfig(num_classes=num_classes, gate=gate, **kwargs))
 
 
+@register_model(FastNet, smoke={"widths": (16, 32, 32)})
 def fastnet(num_classes: int = 10, **kwargs) -> FastNet:
     """The dense baseline: the same backbone and code with the gates off."""
     return FastNet(FastNetConfig(num_classes=num_classes, gate=None, **kwargs))

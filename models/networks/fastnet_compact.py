@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from ..core.compact import CompactExecutor, State, Step
+from ..core.folding import fold_conv_bn
 from ..core.gather import block_channels, conv2d, conv3x3_gathered, linear_gathered, max_pool2x2
-from .densenet_compact import bn_affine
 from .fastnet import FastNet, conv_weight
 
 
@@ -37,10 +37,9 @@ class CompactFastNet(CompactExecutor):
         with torch.no_grad():
             self.folded = []
             for conv, norm in zip(model.convs, model.norms, strict=True):
-                scale, shift = bn_affine(norm)
-                if (scale <= 0).any():
+                if (norm.weight <= 0).any():
                     raise ValueError("a FastNet BN scale must be positive to commute with max pooling")
-                weight = conv_weight(conv) * scale[:, None, None, None]
+                weight, shift = fold_conv_bn(conv_weight(conv), norm)
                 self.folded.append((weight.contiguous(), shift.contiguous()))
         whiten = model.whiten.weight.detach(), model.whiten.bias.detach()
         steps = [Step(lambda state, keep: {"h": F.gelu(conv2d(state["x"], *whiten, padding=0)),

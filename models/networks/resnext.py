@@ -18,7 +18,8 @@ from ..acs.dgconv import DGConv2d
 from ..acs.gates import make_gate
 from ..core.base import GatedNetwork
 from ..core.budget import BudgetPlan
-from ..core.macs import Cost, kept_counts
+from ..core.macs import Cost, conv_out, kept_counts
+from ..core.registry import register_model
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,10 @@ class GBottleneck(nn.Module):
 
 
 class GResNeXt(GatedNetwork):
+    architecture = "resnext"
+    config_class = ResNeXtConfig
+    executor = "resnext_compact.CompactResNeXt"
+
     def __init__(self, config: ResNeXtConfig) -> None:
         super().__init__()
         if config.stem not in ("cifar", "imagenet"):
@@ -109,9 +114,7 @@ class GResNeXt(GatedNetwork):
             mask = None
             if block.gate is not None:
                 s = block.gate(h)
-                mask = plan.select(len(masks), s, block.conv2.groups()).to(s.dtype)
-                if self.training:
-                    mask = mask + s - s.detach()
+                mask = self.straight_through(plan.select(len(masks), s, block.conv2.groups()), s)
                 masks.append(mask)
                 scores.append(s)
             h = block(h, mask)
@@ -124,7 +127,7 @@ class GResNeXt(GatedNetwork):
         w = (width + 2 * conv.padding[1] - conv.kernel_size[1]) // conv.stride[1] + 1
         macs = h * w * conv.in_channels * conv.out_channels * conv.kernel_size[0] ** 2
         if self.config.stem == "imagenet":
-            h, w = (h - 1) // 2 + 1, (w - 1) // 2 + 1
+            h, w = conv_out(h, 2), conv_out(w, 2)
         return macs, h, w
 
     def macs(self, masks: list[torch.Tensor], height: int, width: int, batch: int = 1) -> Cost:
@@ -139,7 +142,7 @@ class GResNeXt(GatedNetwork):
         for block in self.blocks:
             conv2 = block.conv2
             stride = conv2.stride
-            ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
+            ho, wo = conv_out(h, stride), conv_out(w, stride)
             cin, width_, cout = block.conv1.in_channels, conv2.channels, block.conv3.out_channels
             groups = conv2.groups()
             short = ho * wo * cin * cout if block.shortcut is not None else 0
@@ -164,11 +167,18 @@ class GResNeXt(GatedNetwork):
         return Cost(dense, executed, gates, kept, self.gated_totals())
 
 
+IMAGENET_SMOKE = {  # a small instance of the ImageNet layout, for the contract tests
+    "layers": (1, 1, 1, 1), "widths": (16, 16, 32, 32), "stem_channels": 16, "input_size": 64,
+}
+
+
+@register_model(GResNeXt, smoke={"layers": (1, 1, 1), "widths": (16, 32, 64), "stem_channels": 16})
 def g_resnext29(num_classes: int = 10, gate: str | None = "acs", **kwargs) -> GResNeXt:
     """CIFAR-size G-ResNeXt: 3 stages of 3 bottlenecks, widths 64/128/256, 3x3 stem."""
     return GResNeXt(ResNeXtConfig(num_classes=num_classes, gate=gate, **kwargs))
 
 
+@register_model(GResNeXt, smoke=IMAGENET_SMOKE)
 def g_resnext50(num_classes: int = 1000, gate: str | None = "acs", **kwargs) -> GResNeXt:
     """ImageNet-size G-ResNeXt-50 (ResNeXt-50 32x4d widths, DGConv learns the groups)."""
     cfg = dict(layers=(3, 4, 6, 3), widths=(128, 256, 512, 1024), stem="imagenet",
@@ -176,6 +186,7 @@ def g_resnext50(num_classes: int = 1000, gate: str | None = "acs", **kwargs) -> 
     return GResNeXt(ResNeXtConfig(num_classes=num_classes, gate=gate, **{**cfg, **kwargs}))
 
 
+@register_model(GResNeXt, smoke=IMAGENET_SMOKE)
 def g_resnext101(num_classes: int = 1000, gate: str | None = "acs", **kwargs) -> GResNeXt:
     """ImageNet-size G-ResNeXt-101."""
     return g_resnext50(num_classes, gate, **{"layers": (3, 4, 23, 3), **kwargs})

@@ -12,16 +12,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..core.compact import CompactExecutor, State, Step
+from ..core.compact import CompactExecutor, State, Step, head_step, stem_step
+from ..core.folding import fold_conv_bn
 from ..core.gather import conv1x1_gathered, gather_rows
-from .densenet_compact import bn_affine
 from .resnext import GBottleneck, GResNeXt
-
-
-def fold_conv_bn(weight: torch.Tensor, bn) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weight and bias of a bias-free convolution followed by an eval-mode BN."""
-    scale, shift = bn_affine(bn)
-    return weight.detach() * scale.reshape(-1, *[1] * (weight.dim() - 1)), shift
 
 
 def group_slots(keep: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -39,7 +33,7 @@ def group_slots(keep: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Te
 class CompactResNeXt(CompactExecutor):
     def __init__(self, model: GResNeXt) -> None:
         model = model.eval()
-        steps = [Step(self._stem_step(model))]
+        steps = [stem_step(model.stem)]
         gated = 0
         for block in model.blocks:
             if block.gate is None:
@@ -49,16 +43,8 @@ class CompactResNeXt(CompactExecutor):
                               gated_index=gated, groups=block.conv2.groups(),
                               key=self._key(block.conv2.groups())))
             gated += 1
-        steps.append(Step(self._head_step(model)))
+        steps.append(head_step(model.fc))
         super().__init__(model, steps)
-
-    @staticmethod
-    def _stem_step(model: GResNeXt):
-        stem = model.stem
-
-        def apply(state: State, keep) -> State:
-            return {"h": stem(state["x"])}
-        return apply
 
     @staticmethod
     def _gate(gate):
@@ -119,12 +105,4 @@ class CompactResNeXt(CompactExecutor):
                         + gather_rows(b2, rows)[..., None, None])
             out = conv1x1_gathered(h2, w3, rows, b3)
             return {"h": F.relu(out + identity)}
-        return apply
-
-    @staticmethod
-    def _head_step(model: GResNeXt):
-        fc = model.fc
-
-        def apply(state: State, keep) -> State:
-            return {"logits": fc(state["h"].mean((2, 3)))}
         return apply

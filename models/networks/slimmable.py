@@ -35,9 +35,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.base import GatedNetwork
-from ..core.budget import BudgetPlan, CalibrationTable
-from ..core.macs import Cost, kept_counts
-from .cifar_resnet import conv_out, prefix_mask, resnet_layout
+from ..core.budget import BudgetPlan, CalibrationTable, prefix_mask
+from ..core.macs import Cost, conv_out, kept_counts
+from ..core.registry import register_model
+from .cifar_resnet import resnet_layout
 
 DEFAULT_LEVELS = tuple(i / 16 for i in range(4, 17))  # 0.25, 0.3125, ..., 1.0
 
@@ -79,10 +80,6 @@ class WidthPlan(BudgetPlan):
         if self.minimum:
             count = count.clamp(min=self.minimum[layer])
         return prefix_mask(count, scores.shape[1])
-
-    def rows(self, index: torch.Tensor) -> WidthPlan:
-        return WidthPlan(self.policy, self.requested[index], self.effective[index],
-                         self.tau[index], self.counts[index], self.minimum)
 
 
 class SwitchableBatchNorm2d(nn.Module):
@@ -180,6 +177,11 @@ class SlimBlock(nn.Module):
 class SlimmableResNet(GatedNetwork):
     """A slimmable CIFAR ResNet; see the module docstring for the budget mapping."""
 
+    architecture = "slimmable_resnet"
+    config_class = SlimmableResNetConfig
+    executor = "slimmable_compact.CompactSlimmableResNet"
+
+
     adaptive = False  # the cost does not depend on the input: no data calibration needed
 
     def __init__(self, config: SlimmableResNetConfig) -> None:
@@ -246,9 +248,8 @@ class SlimmableResNet(GatedNetwork):
                                  "ratio is <= the budget; exact, input-independent"})
 
     def plan(self, budget, policy: str, batch: int, device) -> WidthPlan:
-        plan = WidthPlan.resolve(self.table, budget, policy, batch, device)
-        plan.minimum = tuple(self.level_counts(0))
-        return plan
+        return WidthPlan.resolve(self.table, budget, policy, batch, device,
+                                 minimum=tuple(self.level_counts(0)))
 
     def width_counts(self, plan: BudgetPlan) -> torch.Tensor:
         """(B, L) channels each layer keeps: the plan's counts, clamped to the narrowest and
@@ -356,6 +357,7 @@ def recalibrate_bn(model: SlimmableResNet, batches: Iterable[torch.Tensor],
     return count
 
 
+@register_model(SlimmableResNet, smoke={"blocks": (1, 1), "widths": (16, 32)})
 def slimmable_resnet20(num_classes: int = 10, **kwargs) -> SlimmableResNet:
     """Slimmable ResNet-20 (3 stages of 3 basic blocks, 16/32/64 channels) at widths 0.25-1."""
     return SlimmableResNet(SlimmableResNetConfig(num_classes=num_classes, **kwargs))

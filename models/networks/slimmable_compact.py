@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.compact import CompactExecutor, State, Step
+from ..core.folding import scale_rows
 from .slimmable import SlimBlock, SlimmableResNet
 
 
@@ -41,7 +42,7 @@ class CompactSlimmableResNet(CompactExecutor):
             with torch.no_grad():
                 level = int(bn.level_of(torch.tensor([cout]))[0])
                 scale, shift = bn.affine(level, cout)
-                weight = conv.weight[:cout, :cin] * scale[:, None, None, None]
+                weight = scale_rows(conv.weight[:cout, :cin], scale)
                 self._folded[key] = (weight.contiguous(), shift.contiguous())
         return self._folded[key]
 

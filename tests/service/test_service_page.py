@@ -14,7 +14,7 @@ import pytest
 
 from tests.service_helpers import ThreadedServer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = ROOT / "samples" / "cifar10-jpeg-test" / "cat_0000.jpg"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")

@@ -15,7 +15,7 @@ from models.core.checkpoint import load_checkpoint
 from models.core.registry import compact
 from service.imaging import preprocess
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
+BENCH = Path(__file__).resolve().parents[2] / "bench"
 sys.path[:0] = [str(BENCH), str(BENCH / "peer_servers")]  # as the scripts import each other
 import peers  # noqa: E402
 from common import make_weights, png_bytes, stop_group  # noqa: E402

@@ -13,7 +13,7 @@ from models.core.checkpoint import load_checkpoint, read_manifest
 from models.core.registry import compact
 from service.imaging import preprocess
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 WEIGHTS = ROOT / "weights"
 SAMPLES = sorted((ROOT / "samples" / "cifar10-jpeg-test").glob("*.jpg"))
 SHIPPED = sorted(p.parent.name for p in WEIGHTS.glob("*/manifest.json"))

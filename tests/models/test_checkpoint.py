@@ -6,7 +6,6 @@ import torch
 from models.core.budget import CalibrationTable
 from models.core.checkpoint import MANIFEST, WEIGHTS, CheckpointError, load_checkpoint, save_checkpoint
 from models.networks.densenet import acs_densenet40
-from models.networks.resnext import g_resnext29
 from tests.conftest import randomize_bn
 
 CLASSES = [f"class{i}" for i in range(10)]
@@ -42,18 +41,6 @@ def test_round_trip(saved):
     assert manifest["provenance"] == {"trained": False}
     assert manifest["calibration"]["floor"] == pytest.approx(model.floor())
     assert len(manifest["weights"]["sha256"]) == 64
-
-
-def test_resnext_round_trip_keeps_learned_groups(tmp_path):
-    model = g_resnext29(gate=None)
-    with torch.no_grad():
-        model.blocks[0].conv2.gate[:2] = -1.0
-    save_checkpoint(model.eval(), tmp_path, name="rx", classes=CLASSES)
-    loaded = load_checkpoint(tmp_path).model
-    assert loaded.blocks[0].conv2.groups() == 4
-    x = torch.randn(1, 3, 32, 32)
-    with torch.no_grad():
-        assert torch.equal(loaded(x), model(x))
 
 
 def copy_checkpoint(src, dst):

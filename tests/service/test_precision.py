@@ -9,17 +9,17 @@ import torch
 import models.core.precision
 from models.core.checkpoint import read_manifest, write_manifest
 from models.core.precision import serving_dtype
-from models.core.registry import FACTORIES, compact
+from models.core.registry import compact, create_model, model_names
 from tests.dynamic_helpers import randomize_all_bn
 from tests.service_helpers import encode, make_client, make_weights, wait_ready
 
-CIFAR = sorted(name for name in FACTORIES if not name.endswith(("50", "101")))  # 32x32 inputs
+CIFAR = [name for name in model_names() if not name.endswith(("50", "101"))]  # 32x32 inputs
 
 
 @pytest.mark.parametrize("name", CIFAR)
 def test_every_compact_executor_serves_in_bfloat16(name):
     torch.manual_seed(0)
-    model = randomize_all_bn(FACTORIES[name](num_classes=10)).eval()
+    model = randomize_all_bn(create_model(name, num_classes=10)).eval()
     x = torch.randn(3, 3, 32, 32)
     full = compact(copy.deepcopy(model))(x, budget=1.0, policy="threshold")
     half_model = model.to(torch.bfloat16)

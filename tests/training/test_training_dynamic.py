@@ -10,11 +10,11 @@ from safetensors.torch import load_file
 
 from models.core.checkpoint import load_checkpoint
 from models.core.registry import build_model, compact
-from tests.test_training import write_folders
+from tests.training.test_training import write_folders
 from training.cli import main
 from training.data import load_dataset, normalize
 from training.evaluate import EVAL_JSON
-from training.objective import CostModel, Objective, training_table
+from training.objective import CostModel, Objective, Pass, training_table
 from training.state import BN_STATS, CHECKPOINT, load_state
 from training.train import train_step
 
@@ -89,7 +89,8 @@ def test_gates_learn_from_the_random_budgets_only(arch):
 
     def gate_grad(budgets):
         model.zero_grad(set_to_none=True)
-        train_step(model, model, None, objective, x, y, budgets, nullcontext())
+        passes = [Pass(kind, b) for kind, b in zip(["full", "floor", "random"], budgets, strict=False)]
+        train_step(model, model, None, objective, x, y, passes, nullcontext())
         return sum(float(p.grad.abs().sum()) for p in gates if p.grad is not None)
 
     assert gate_grad([1.0, model.floor()]) == 0.0

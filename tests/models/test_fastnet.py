@@ -9,7 +9,7 @@ from models.core.registry import compact
 from models.networks.fastnet import FastNet, FastNetConfig, acs_fastnet, fastnet
 from tests.conftest import randomize_bn
 from tests.dynamic_helpers import assert_compact_matches, fvcore_macs
-from tests.test_training import tiny_config, write_folders
+from tests.training.test_training import tiny_config, write_folders
 from training.cli import main
 from training.recipe import Lookahead, lr_factor, make_optimizer
 from training.state import CHECKPOINT, init_weights, load_trained, read_progress

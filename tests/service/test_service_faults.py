@@ -24,7 +24,7 @@ from models.networks.densenet import ACSDenseNet, DenseNetConfig
 from tests.conftest import randomize_bn
 from tests.service_helpers import ThreadedServer, encode, make_client, make_weights, wait_ready
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def save_tiny(folder: Path, name: str) -> Path:

@@ -2,11 +2,10 @@
 import pytest
 import torch
 
-from models.core.checkpoint import load_checkpoint, save_checkpoint
 from models.core.registry import compact
 from models.networks.channel_gating import CGResNet, CGResNetConfig, cg_resnet20, resnet20
 from tests.conftest import randomize_bn
-from tests.dynamic_helpers import assert_compact_matches, fvcore_macs, infer, precision_pairs, sample_images
+from tests.dynamic_helpers import assert_compact_matches, fvcore_macs, infer
 
 BUDGETS = [0.0, 0.3, 0.45, 0.6, 0.75, 0.9, 1.0]
 
@@ -17,37 +16,15 @@ def model():
     return randomize_bn(cg_resnet20()).eval()
 
 
-@pytest.fixture(scope="module")
-def pairs(model):
-    return precision_pairs(model)
-
-
-@pytest.fixture(scope="module")
-def images():
-    return sample_images()
-
-
 def tiny():
     return CGResNet(CGResNetConfig(num_classes=3, blocks=(1, 1), widths=(4, 8), base_fraction=0.5,
                                    input_size=8))
 
 
-@pytest.mark.parametrize("size", [32, 48])
-@pytest.mark.parametrize("batch", [1, 8])
-def test_runs_at_any_size_and_batch(model, pairs, size, batch):
-    x = torch.randn(batch, 3, size, size)
-    logits, info = infer(model, x, 0.5)
-    assert logits.shape == (batch, 10) and torch.isfinite(logits).all()
-    assert info.cost.executed.shape == info.cost.pixel_executed.shape == (batch,)
+def test_cost_carries_the_per_pixel_count(model, images):
+    info = infer(model, images, 0.5)[1]
+    assert info.cost.pixel_executed.shape == (images.shape[0],)
     assert len(info.masks) == len(model.gated_totals()) == 18
-    assert pairs[torch.float32][1](x, budget=0.5).shape == (batch, 10)
-
-
-@pytest.mark.parametrize("policy", ["threshold", "topk", "cap"])
-def test_cost_is_monotone_in_the_budget(model, images, policy):
-    costs = [infer(model, images, b, policy)[1].cost.executed.double().mean().item() for b in BUDGETS]
-    assert costs == sorted(costs) and costs[-1] > costs[0]
-
 
 def test_topk_cost_is_exact_and_within_budget(model, images):
     for b in BUDGETS:
@@ -58,14 +35,6 @@ def test_topk_cost_is_exact_and_within_budget(model, images):
         assert executed[0] == model.count_cost(counts).executed[0]
         assert info.cost.ratio[0] <= max(b, model.floor()) + 1e-9
         assert torch.equal(info.cost.pixel_executed, executed)  # topk: every pixel of a kept channel
-
-
-def test_cap_never_exceeds_the_budget_per_request(model, images):
-    budgets = torch.rand(images.shape[0], generator=torch.Generator().manual_seed(3))
-    for scale in (1.0, 0.6, 0.3):
-        info = infer(model, images, budgets * scale, "cap")[1]
-        limit = torch.clamp(budgets.double() * scale, min=model.floor())
-        assert (info.cost.ratio <= limit + 1e-9).all()
 
 
 def test_pixel_count_is_the_ideal_below_the_executed(model, images):
@@ -159,17 +128,6 @@ def test_gradients_reach_the_gates():
     (logits.square().mean() + sum(m.sum() for m in info.masks) * 1e-3).backward()
     for conv in model.convs():
         assert conv.gate.weight.grad.abs().sum() > 0 and conv.gate.bias.grad.abs().sum() > 0
-
-
-def test_checkpoint_round_trip(model, tmp_path):
-    save_checkpoint(model, tmp_path / "cg", name="cg", classes=[f"c{i}" for i in range(10)])
-    loaded = load_checkpoint(tmp_path / "cg")
-    assert loaded.manifest["architecture"] == "cg_resnet"
-    assert loaded.manifest["config"]["base_fraction"] == 0.25
-    x = torch.randn(3, 3, 32, 32)
-    with torch.no_grad():
-        assert torch.equal(loaded.model(x, budget=0.4), model(x, budget=0.4))
-    assert loaded.model.table == model.table
 
 
 def test_closed_channels_do_not_compute_their_rest(model, monkeypatch):
