@@ -1,1 +1,1 @@
-
+"""The parts ACS adds: DGConv2d (learned channel grouping) and gate networks."""

@@ -1,1 +1,1 @@
-
+"""Infrastructure every network uses: the contract, budgets, MACs, execution, registry, checkpoints."""
