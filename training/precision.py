@@ -62,9 +62,10 @@ def card_section(result: dict) -> str:
     holds = result["top1_drop_max"] <= BF16_TOLERANCE
     lines = [SECTION, "", f"Top-1 (%) served by the compact executor in each dtype, test split "
              f"({result['images']} images), from `acs-train precision`. The largest drop is "
-             f"{100 * result['top1_drop_max']:.2f} points (negative: bfloat16 scored higher "
-             f"everywhere): `dtype=auto` serves bfloat16 "
-             + ("where the hardware has it fast." if holds else "never (more than 0.1 point)."), "",
+             f"{100 * result['top1_drop_max']:.2f} points"
+             + (" (negative: bfloat16 scored higher everywhere)" if result["top1_drop_max"] < 0 else "")
+             + (": `dtype=auto` serves bfloat16 where the hardware has it fast." if holds
+                else ": more than 0.1 point, so `dtype=auto` serves float32."), "",
              "| policy | budget | float32 | bfloat16 | drop |", "| --- | ---: | ---: | ---: | ---: |"]
     lines += [f"| {r['policy']} | {r['budget']:g} | {100 * r['float32']:.2f} | {100 * r['bfloat16']:.2f} | "
               f"{100 * r['drop']:.2f} |" for r in result["rows"]]

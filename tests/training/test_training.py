@@ -393,3 +393,15 @@ def test_cli_resume_refuses_to_change_the_recipe(folders, tmp_path):
         main(["train", "--run", str(run), "--resume", "--lr", "0.5"])
     assert main(["train", "--run", str(run), "--resume", "--epochs", "2"]) == 0
     assert read_progress(run)["epoch"] == 2
+
+
+@pytest.mark.parametrize("drop,says,not_says", [
+    (-0.0003, ["negative: bfloat16 scored higher", "serves bfloat16"], ["float32."]),
+    (0.0013, ["0.13 points: more than 0.1 point, so `dtype=auto` serves float32."], ["negative"]),
+])
+def test_precision_card_says_what_auto_serves(drop, says, not_says):
+    from training.precision import card_section
+
+    row = {"policy": "threshold", "budget": 1.0, "float32": 0.7, "bfloat16": 0.7 - drop, "drop": drop}
+    text = card_section({"images": 100, "top1_drop_max": drop, "rows": [row]})
+    assert all(s in text for s in says) and not any(s in text for s in not_says)
