@@ -65,46 +65,45 @@ def register_model(network: type[GatedNetwork], smoke: dict | None = None):
     return register
 
 
+def _models() -> dict[str, ModelRecord]:
+    """Every registered model (importing the networks registers them)."""
+    import models.networks  # noqa: F401
+
+    return MODELS
+
+
 def _networks() -> dict[str, type[GatedNetwork]]:
     """Architecture name -> network class, over the registered models."""
-    import models.networks  # noqa: F401  (registers every network)
-
-    return {r.architecture: r.network for r in MODELS.values()}
+    return {r.architecture: r.network for r in _models().values()}
 
 
 def model_names() -> list[str]:
-    _networks()
-    return sorted(MODELS)
+    return sorted(_models())
 
 
 def architecture_names() -> list[str]:
     return sorted(_networks())
 
 
-def make_config(architecture: str, config: dict):
-    """The architecture's config dataclass from a plain dict (JSON lists become tuples)."""
+def build_model(architecture: str, config: dict) -> GatedNetwork:
+    """A freshly initialized network of an architecture and config (as a manifest stores
+    them; JSON lists become tuples)."""
     networks = _networks()
     if architecture not in networks:
         raise ValueError(f"unknown architecture {architecture!r}; expected one of {sorted(networks)}")
-    config_cls = networks[architecture].config_class
-    names = {f.name for f in dataclasses.fields(config_cls)}
+    network = networks[architecture]
+    names = {f.name for f in dataclasses.fields(network.config_class)}
     unknown = sorted(set(config) - names)
     if unknown:
         raise ValueError(f"unknown {architecture} config keys: {unknown}")
-    return config_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()})
-
-
-def build_model(architecture: str, config: dict) -> GatedNetwork:
-    """A freshly initialized network of an architecture and config (as a manifest stores them)."""
-    config = make_config(architecture, config)  # checks the name and the keys
-    return _networks()[architecture](config)
+    return network(network.config_class(**{k: tuple(v) if isinstance(v, list) else v
+                                          for k, v in config.items()}))
 
 
 def create_model(name: str, **overrides) -> GatedNetwork:
     """A freshly initialized model by name: a registered model with config overrides, else
     an architecture with its config defaults and the overrides."""
-    _networks()
-    if name in MODELS:
+    if name in _models():
         return MODELS[name].factory(**overrides)
     if name in _networks():
         return build_model(name, overrides)
@@ -112,14 +111,19 @@ def create_model(name: str, **overrides) -> GatedNetwork:
                      f"or an architecture ({', '.join(architecture_names())})")
 
 
-def describe(model: GatedNetwork) -> tuple[str, dict]:
-    """(architecture name, config dict) of a model, as stored in a manifest."""
+def _registered(model: GatedNetwork) -> type[GatedNetwork]:
+    """The model's network class, checked to be a registered architecture."""
     if _networks().get(getattr(model, "architecture", None)) is not type(model):
         raise TypeError(f"not a registered architecture: {type(model).__name__}")
+    return type(model)
+
+
+def describe(model: GatedNetwork) -> tuple[str, dict]:
+    """(architecture name, config dict) of a model, as stored in a manifest."""
+    _registered(model)
     return model.architecture, model.config.to_dict()
 
 
 def compact(model: GatedNetwork) -> CompactExecutor:
     """The compact inference executor of a model (puts the model in eval mode)."""
-    describe(model)
-    return executor_class(type(model))(model)
+    return executor_class(_registered(model))(model)
