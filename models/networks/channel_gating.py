@@ -249,13 +249,16 @@ class CGResNet(GatedNetwork):
                                  pixel)
 
 
-@register_model(CGResNet, smoke={"blocks": (1, 1), "widths": (8, 16)})
+SMOKE = {"blocks": (1, 1), "widths": (8, 16)}  # a small instance, for the contract tests
+
+
+@register_model(CGResNet, smoke=SMOKE)
 def cg_resnet20(num_classes: int = 10, **kwargs) -> CGResNet:
     """Channel-gated ResNet-20 (16/32/64 channels), partial sums over 1/4 of the inputs."""
     return CGResNet(CGResNetConfig(num_classes=num_classes, **kwargs))
 
 
-@register_model(CGResNet, smoke={"blocks": (1, 1), "widths": (8, 16)})
+@register_model(CGResNet, smoke=SMOKE)
 def resnet20(num_classes: int = 10, **kwargs) -> CGResNet:
     """The dense baseline: ResNet-20, the same code with the gates off."""
     return CGResNet(CGResNetConfig(num_classes=num_classes, gate=False, **kwargs))

@@ -176,13 +176,16 @@ class ACSDenseNet(GatedNetwork):
         return Cost(dense, executed, gates, kept, self.gated_totals())
 
 
-@register_model(ACSDenseNet, smoke={"growth": 8, "init_features": 16, "blocks": (2, 2, 2)})
+SMOKE = {"growth": 8, "init_features": 16, "blocks": (2, 2, 2)}  # a small instance, for the contract tests
+
+
+@register_model(ACSDenseNet, smoke=SMOKE)
 def acs_densenet40(num_classes: int = 10, gate: str | None = "acs", **kwargs) -> ACSDenseNet:
     """ACS DenseNet-40 as in the paper's code, with an ACS-GN gate ('acs') per dense layer."""
     return ACSDenseNet(DenseNetConfig(num_classes=num_classes, gate=gate, **kwargs))
 
 
-@register_model(ACSDenseNet, smoke={"growth": 8, "init_features": 16, "blocks": (2, 2, 2)})
+@register_model(ACSDenseNet, smoke=SMOKE)
 def densenet40(num_classes: int = 10, **kwargs) -> ACSDenseNet:
     """The dense baseline: the same backbone and code with the gates off."""
     return ACSDenseNet(DenseNetConfig(num_classes=num_classes, gate=None, **kwargs))

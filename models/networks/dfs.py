@@ -318,13 +318,16 @@ class DFSResNet(GatedNetwork):
                        dense * full_ops)
 
 
-@register_model(DFSResNet, smoke={"blocks": (2, 2), "widths": (8, 16), "bits": (8, 16)})
+SMOKE = {"blocks": (2, 2), "widths": (8, 16), "bits": (8, 16)}  # a small instance, for the contract tests
+
+
+@register_model(DFSResNet, smoke=SMOKE)
 def dfs_resnet38(num_classes: int = 10, **kwargs) -> DFSResNet:
     """DFS ResNet-38 (3 stages of 6 basic blocks, 16/32/64 channels), bits 8/12/16."""
     return DFSResNet(DFSResNetConfig(num_classes=num_classes, **kwargs))
 
 
-@register_model(DFSResNet, smoke={"blocks": (2, 2), "widths": (8, 16), "bits": (8, 16)})
+@register_model(DFSResNet, smoke=SMOKE)
 def resnet38(num_classes: int = 10, **kwargs) -> DFSResNet:
     """The full-precision dense baseline: ResNet-38, the same code with the gates off."""
     return DFSResNet(DFSResNetConfig(num_classes=num_classes, gate=False, **kwargs))

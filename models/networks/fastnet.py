@@ -190,13 +190,16 @@ class FastNet(GatedNetwork):
         return Cost(dense, executed, gates, kept, self.gated_totals())
 
 
-@register_model(FastNet, smoke={"widths": (16, 32, 32)})
+SMOKE = {"widths": (16, 32, 32)}  # a small instance, for the contract tests
+
+
+@register_model(FastNet, smoke=SMOKE)
 def acs_fastnet(num_classes: int = 10, gate: str | None = "cheap", **kwargs) -> FastNet:
     """ACS FastNet (64/256/256, cheap gates on blocks of 16 channels)."""
     return FastNet(FastNetConfig(num_classes=num_classes, gate=gate, **kwargs))
 
 
-@register_model(FastNet, smoke={"widths": (16, 32, 32)})
+@register_model(FastNet, smoke=SMOKE)
 def fastnet(num_classes: int = 10, **kwargs) -> FastNet:
     """The dense baseline: the same backbone and code with the gates off."""
     return FastNet(FastNetConfig(num_classes=num_classes, gate=None, **kwargs))
