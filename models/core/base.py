@@ -1,4 +1,5 @@
-"""What every gated network shares: per-call budgets, calibration table, cost, uniform table."""
+"""What every gated network shares: the walks over its units (reference, cost), per-call budgets,
+the calibration table, the data-free table."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from torch import nn
 
 from .budget import GRID_STEP, BudgetPlan, CalibrationTable, budget_grid, largest_within, uniform_counts
 from .macs import Cost
+from .units import Tally, Trace, Unit
 
 
 @dataclass
@@ -46,25 +48,35 @@ class GatedNetwork(nn.Module):
 
     architecture: str  # the name a manifest stores
     config_class: type  # its config dataclass (with `to_dict`)
-    executor: str  # its compact executor: "module.Class", a module beside the network's
+    tally_class: type = Tally  # the cost walk's sums (a method with more figures subclasses it)
     input_size: int = 32
     budget_unit: str = "macs"
     adaptive: bool = True
 
+    def units(self) -> list[Unit]:
+        """The network, described once: its units in execution order (core/units.py)."""
+        raise NotImplementedError
+
     def gated_totals(self) -> list[int]:
         """Channels of each gated layer, in execution order."""
-        raise NotImplementedError
+        return [c for unit in self.units() for c, _ in unit.gated_layers()]
 
     def gated_groups(self) -> list[int]:
         """Channel groups of each gated layer (kept counts are per group)."""
-        return [1] * len(self.gated_totals())
+        return [g for unit in self.units() for _, g in unit.gated_layers()]
 
-    def macs(self, masks: list[torch.Tensor], height: int, width: int, batch: int = 1) -> Cost:
-        """Cost of running the given per-layer keep-masks (B, C_l) on a height x width input.
-
-        `batch` is used only when there are no masks (an ungated network).
-        """
-        raise NotImplementedError
+    def macs(self, masks: list[torch.Tensor], height: int, width: int, batch: int = 1,
+             **extra) -> Cost:
+        """Cost of running the given per-layer keep-masks (B, C_l) on a height x width input
+        (the units' cost walk). No masks: every channel kept, `batch` samples; `extra`: a
+        method's per-call data (see `run_extra`)."""
+        totals = self.gated_totals()
+        if not masks:
+            masks = [torch.ones(batch, t, dtype=torch.bool) for t in totals]
+        tally = self.tally_class(masks, height, width, batch, extra)
+        for unit in self.units():
+            unit.cost(tally)
+        return tally.cost(totals)
 
     def budget_ratio(self, cost: Cost) -> torch.Tensor:
         """The per-sample figure a budget bounds, in `budget_unit`: the executed-MAC ratio."""
@@ -76,13 +88,27 @@ class GatedNetwork(nn.Module):
 
     def run(self, x: torch.Tensor, plan: BudgetPlan) -> tuple[torch.Tensor, list, list]:
         """Masked reference execution: (logits, masks, scores)."""
-        raise NotImplementedError
+        return self.run_extra(x, plan)[:3]
 
     def run_extra(self, x: torch.Tensor, plan: BudgetPlan) -> tuple[torch.Tensor, list, list, dict]:
-        """`run`, plus the method-specific data of this call that `macs` takes as keyword
-        arguments: the extension point of a method whose cost depends on more than the
-        masks (channel gating's open pixels). None by default."""
-        return *self.run(x, plan), {}
+        """`run` (the units' reference walk), plus the method-specific data of this call that
+        `macs` takes as keyword arguments (what units `Trace.add`: channel gating's open
+        pixels)."""
+        trace = Trace(plan, self.straight_through)
+        state = {"x": x}
+        for unit in self.units():
+            state = unit.reference(state, trace)
+        return state["logits"], trace.masks, trace.scores, trace.extra
+
+    def compact_state(self, x: torch.Tensor, plan: BudgetPlan) -> dict:
+        """The state the first compact step reads; a method adds its per-call data here
+        (channel gating: tau, the policy, a record of open pixels)."""
+        return {"x": x}
+
+    def compact_extra(self, state: dict) -> dict:
+        """`macs` keyword arguments from the compact call's initial state after the call (the
+        compact counterpart of `run_extra`'s data). None by default."""
+        return {}
 
     def straight_through(self, hard: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         """A hard keep-mask in the scores' dtype; in training, with the scores' gradient

@@ -1,10 +1,11 @@
 """Compact inference: skipped channels are never computed.
 
-A network's compact executor is a list of steps over a batch state (a dict of batch-first
-tensors). A gated step decides its keep-mask, then computes only the kept channels. Samples
-that keep the same number of channels run together (one batched/grouped op per layer);
-when a gated layer's counts differ across the batch, the batch splits into groups of equal
-counts, each running on by itself. `per_sample=True` runs every sample alone instead.
+A network's compact executor is the list of its units' steps (`Unit.steps()`, in order)
+over a batch state (a dict of batch-first tensors). A gated step decides its keep-mask,
+then computes only the kept channels. Samples that keep the same number of channels run
+together (one batched/grouped op per layer); when a gated layer's counts differ across the
+batch, the batch splits into groups of equal counts, each running on by itself.
+`per_sample=True` runs every sample alone instead.
 
 Under the `threshold` policy a step that can zero channels (`Step.zero`) runs a batch in one
 pass instead: it computes the union of the batch's kept channels with one shared weight (a
@@ -15,12 +16,11 @@ and its masks and MACs report it. A larger batch runs in chunks of UNION_BATCH i
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from .base import ForwardInfo, GatedNetwork
 from .budget import BudgetPlan
+from .units import Step
 
 State = dict
 UNION_BATCH = 8  # a threshold batch shares unions in chunks of this many images: a larger
@@ -33,41 +33,24 @@ def rows_of(state: State, index: torch.Tensor) -> State:
             for k, v in state.items()}
 
 
-@dataclass
-class Step:
-    """One stage of compact execution. Gated steps also score, select and key their masks."""
-
-    apply: callable  # (state, keep or None) -> state
-    gate: callable | None = None  # state -> scores (B, C)
-    gated_index: int = -1
-    groups: int = 1
-    key: callable | None = None  # keep (B, C) -> (B,) shape key; equal keys batch together
-    zero: callable | None = None  # (state after a shared keep (1, C), own (B, kept)) -> state
-
-
-def stem_step(stem) -> Step:
-    """The ungated first step: state "h" = stem(input)."""
-    return Step(lambda state, keep: {"h": stem(state["x"])})
-
-
-def head_step(fc) -> Step:
-    """The ungated last step: logits = fc(global average pool of "h")."""
-    return Step(lambda state, keep: {"logits": fc(state["h"].mean((2, 3)))})
-
-
 class CompactExecutor:
-    """Runs a network's compact steps with the network's budget policies."""
+    """Runs a network's compact steps with the network's budget policies (puts the model in
+    eval mode)."""
 
-    def __init__(self, model: GatedNetwork, steps: list[Step]) -> None:
-        self.model = model
-        self.steps = steps
+    def __init__(self, model: GatedNetwork) -> None:
+        self.model = model.eval()
+        with torch.no_grad():
+            self.steps = [step for unit in model.units() for step in unit.steps()]
+        gated = [step for step in self.steps if step.gate is not None]
+        for index, step in enumerate(gated):
+            step.gated_index = index
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, budget=None, policy: str = "threshold",
                  return_info: bool = False, per_sample: bool = False):
         self.model.check_input(x)
         plan = self.model.plan(budget, policy, x.shape[0], x.device)
-        state = self.initial_state(x, plan)
+        state = self.model.compact_state(x, plan)
         if per_sample and x.shape[0] > 1:
             logits, masks = self._split(state, plan, 0, None, torch.arange(x.shape[0]))
         elif x.shape[0] > UNION_BATCH and any(self._unites(s, policy) for s in self.steps):
@@ -77,17 +60,8 @@ class CompactExecutor:
             logits, masks = self._execute(state, plan, 0, None)
         if not return_info:
             return logits
-        cost = self.model.macs(masks, *x.shape[-2:], batch=x.shape[0], **self.cost_extra(state))
+        cost = self.model.macs(masks, *x.shape[-2:], batch=x.shape[0], **self.model.compact_extra(state))
         return logits, ForwardInfo(plan, masks, [], cost)
-
-    def initial_state(self, x: torch.Tensor, plan: BudgetPlan) -> State:
-        """The state the first step reads; an executor adds per-call data here."""
-        return {"x": x}
-
-    def cost_extra(self, state: State) -> dict:
-        """Keyword arguments for the model's `macs` from the initial state after the call
-        (see GatedNetwork.run_extra). None by default."""
-        return {}
 
     @staticmethod
     def _unites(step: Step, policy: str) -> bool:

@@ -2,7 +2,7 @@
 
 Every factory is registered where it is defined, with `@register_model(Network)`: its record
 holds the name, the factory, the network class, and through the class the architecture name
-that manifests store, the config class and the compact executor.
+that manifests store and the config class.
 
 Names: a model name (`acs_densenet40`, `fastnet`) is a registered factory; an architecture
 name (`densenet`, `fastnet`) is a network class with its config's defaults. `create_model`
@@ -14,7 +14,6 @@ stores the architecture and its full config, which `build_model` rebuilds exactl
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -38,18 +37,6 @@ class ModelRecord:
     @property
     def config(self) -> type:
         return self.network.config_class
-
-    @property
-    def executor(self) -> type[CompactExecutor]:
-        return executor_class(self.network)
-
-
-def executor_class(network: type[GatedNetwork]) -> type[CompactExecutor]:
-    """The compact executor class that a network names as 'module.Class' (a module beside
-    the network's: an executor imports its network, so the network cannot import it)."""
-    module, _, cls = network.executor.rpartition(".")
-    package = network.__module__.rpartition(".")[0]
-    return getattr(importlib.import_module(f"{package}.{module}"), cls)
 
 
 MODELS: dict[str, ModelRecord] = {}
@@ -126,4 +113,5 @@ def describe(model: GatedNetwork) -> tuple[str, dict]:
 
 def compact(model: GatedNetwork) -> CompactExecutor:
     """The compact inference executor of a model (puts the model in eval mode)."""
-    return executor_class(_registered(model))(model)
+    _registered(model)
+    return CompactExecutor(model)

@@ -1,4 +1,5 @@
-"""The networks, one a file, each with its compact executor beside it (`<name>_compact.py`).
-Importing this package registers every model (`models.core.registry`)."""
+"""The networks, one a file: each is its units, and each unit its masked reference, MAC
+cost and compact steps (`models.core.units`). Importing this package registers every model
+(`models.core.registry`)."""
 
 from . import channel_gating, densenet, dfs, fastnet, resnext, slimmable  # noqa: F401

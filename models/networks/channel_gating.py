@@ -26,6 +26,14 @@ Two MAC counts, both in the cost:
   (channel, pixel) positions, as hardware with per-pixel gating would run it.
 The gates themselves cost no MACs: the partial sums are part of the convolution (reused,
 not recomputed) and the normalization and comparison are element-wise.
+
+Compact execution: per gated convolution, the gate step computes the partial sum for every
+output channel and pixel (part of the output, never recomputed) and scores each (channel,
+pixel), with the operations of the masked reference (the same decisions on the same
+numbers). The apply step computes the rest only for the output channels open at any pixel
+of the sample (gathered weight rows; samples with equal open counts run together) and adds
+it where the pixel is open (threshold, cap) or everywhere in the channel (topk); it records
+the open pixels per sample for `pixel_executed`.
 """
 
 from __future__ import annotations
@@ -38,8 +46,9 @@ from torch import nn
 
 from ..core.base import GatedNetwork
 from ..core.budget import BudgetPlan
-from ..core.macs import Cost, conv_out, kept_counts
+from ..core.macs import Cost, conv_out
 from ..core.registry import register_model
+from ..core.units import ConvStem, LinearHead, Step, Tally, Trace, Unit
 from .cifar_resnet import resnet_layout
 
 
@@ -76,6 +85,23 @@ class ChannelGatingCost(Cost):
     @property
     def pixel_ratio(self) -> torch.Tensor:
         return self.pixel_executed.double() / self.dense
+
+
+class CGTally(Tally):
+    """The cost walk's sums, with the per-pixel ideal count (`pixel`: a gated convolution's
+    rest counted at its open pixels only; everything else as executed)."""
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        self.pixel = torch.zeros_like(self.executed)
+
+    def add(self, dense: int, executed=None, gate=0, pixel=None) -> None:
+        super().add(dense, executed, gate)
+        self.pixel += (dense if executed is None else executed) if pixel is None else pixel
+
+    def cost(self, totals: list[int]) -> ChannelGatingCost:
+        return ChannelGatingCost(self.dense, self.executed, self.gates, self.kept, totals,
+                                 self.pixel)
 
 
 class ChannelGatedConv2d(nn.Module):
@@ -123,7 +149,51 @@ def pixel_mask(policy: str, tau: torch.Tensor, keep: torch.Tensor, scores: torch
     return channel & (scores >= tau.to(scores.dtype)[:, None, None, None])
 
 
-class CGBlock(nn.Module):
+def rest_rows(conv: ChannelGatedConv2d, x: torch.Tensor,
+              keep: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The rest of `conv` for each sample's kept output channels: (rows (B, k), rest (B, k, H, W));
+    rows None when every channel is kept. Every sample keeps the same number k."""
+    b = x.shape[0]
+    weight = conv.rest_weight()
+    xr = x[:, conv.base :]
+    if keep.all():
+        return None, F.conv2d(xr, weight, None, conv.stride, 1)
+    rows = keep.nonzero()[:, 1].reshape(b, -1)
+    k = rows.shape[1]
+    if b == 1:
+        return rows, F.conv2d(xr, weight.index_select(0, rows[0]), None, conv.stride, 1)
+    gathered = weight.index_select(0, rows.reshape(-1))
+    c, height, width = xr.shape[1:]
+    out = F.conv2d(xr.reshape(1, b * c, height, width), gathered, None, conv.stride, 1, groups=b)
+    return rows, out.reshape(b, k, *out.shape[-2:])
+
+
+def _gate_scores(conv: ChannelGatedConv2d, source: str):
+    def scores(state: dict) -> torch.Tensor:
+        p = conv.partial(state[source])
+        s = conv.scores(p)
+        state["p"], state["s"] = p, s  # sliced with the state if the batch splits
+        return s.amax((2, 3))
+    return scores
+
+
+class OpenPixels:
+    """A compact call's side channel: open (channel, pixel) pairs per sample of each gated
+    convolution. Shared (not sliced) by the sub-batches of one call, indexed by each
+    sample's original row."""
+
+    def __init__(self, batch: int, device) -> None:
+        self.batch, self.device = batch, device
+        self.open: dict[ChannelGatedConv2d, torch.Tensor] = {}
+
+    def of(self, conv: ChannelGatedConv2d) -> torch.Tensor:
+        """(B,) open pairs of `conv`, written by its step."""
+        if conv not in self.open:
+            self.open[conv] = torch.zeros(self.batch, dtype=torch.long, device=self.device)
+        return self.open[conv]
+
+
+class CGBlock(nn.Module, Unit):
     """Basic block with two channel-gated 3x3 convolutions; 1x1 projection shortcut where
     the shape changes."""
 
@@ -141,14 +211,96 @@ class CGBlock(nn.Module):
     def short(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.shortcut is None else self.shortcut(x)
 
+    def gated_layers(self) -> list[tuple[int, int]]:
+        return [(c.out_channels, 1) for c in (self.conv1, self.conv2) if c.gate is not None]
+
+    def reference(self, state: dict, trace: Trace) -> dict:
+        h = state["h"]
+        h1 = F.relu(self.bn1(self._reference_conv(self.conv1, h, trace)))
+        h2 = self.bn2(self._reference_conv(self.conv2, h1, trace))
+        return {"h": F.relu(h2 + self.short(h))}
+
+    @staticmethod
+    def _reference_conv(conv: ChannelGatedConv2d, x: torch.Tensor, trace: Trace) -> torch.Tensor:
+        """The masked convolution; records its open pixels (`trace.extra`)."""
+        if conv.gate is None:
+            return conv.conv(x)
+        p = conv.partial(x)
+        s = conv.scores(p)
+        channel_scores = s.amax((2, 3))
+        keep = trace.keep(channel_scores)
+        pixels = pixel_mask(trace.plan.policy, trace.plan.tau, keep, s)
+        trace.add("open_pixels", pixels.sum((1, 2, 3)))
+        trace.record(keep, channel_scores)
+        return p + trace.straight_through(pixels, s) * conv.rest(x)
+
+    def cost(self, tally: Tally) -> None:
+        """The per-channel realization's MACs, and the per-pixel ideal count from the open
+        pixels (without them, a kept channel counts as open at every pixel)."""
+        open_pixels = tally.extra.get("open_pixels")
+        for conv in (self.conv1, self.conv2):
+            h, w = tally.size
+            ho, wo = conv_out(h, conv.stride), conv_out(w, conv.stride)
+            full = ho * wo * 9 * conv.in_channels * conv.out_channels
+            if conv.gate is None:
+                tally.add(full)
+            else:
+                base = ho * wo * 9 * conv.base * conv.out_channels
+                rest = 9 * (conv.in_channels - conv.base)  # per open (channel, pixel)
+                i = tally.next()
+                k = tally.kept[:, i]
+                opened = k * ho * wo if open_pixels is None else open_pixels[i].to(k)
+                tally.add(full, base + k * ho * wo * rest, pixel=base + opened * rest)
+            tally.size = ho, wo
+        if self.shortcut is not None:
+            conv = self.shortcut[0]
+            tally.add(ho * wo * conv.in_channels * conv.out_channels)
+
+    def steps(self) -> list[Step]:
+        steps = []
+        for which, conv in (("conv1", self.conv1), ("conv2", self.conv2)):
+            apply = self._compact(which)
+            if conv.gate is None:
+                steps.append(Step(apply))
+            else:
+                steps.append(Step(apply, gate=_gate_scores(conv, "h" if which == "conv1" else "h1")))
+        return steps
+
+    def _compact(self, which: str):
+        """One convolution of the block: (state, keep) -> state."""
+        conv = getattr(self, which)
+
+        def output(state: dict, keep) -> torch.Tensor:
+            x = state["h"] if which == "conv1" else state["h1"]
+            if conv.gate is None:
+                return conv.conv(x)
+            p, s = state["p"], state["s"]
+            pixels = pixel_mask(state["policy"], state["tau"], keep, s)
+            state["record"].of(conv)[state["index"]] = pixels.sum((1, 2, 3))
+            if not keep.any():
+                return p
+            rows, rest = rest_rows(conv, x, keep)
+            if rows is None:
+                return p + pixels.to(p.dtype) * rest
+            index = rows[:, :, None, None].expand_as(rest)
+            return p.scatter_add(1, index, rest * pixels.gather(1, index).to(rest.dtype))
+
+        def apply(state: dict, keep) -> dict:
+            y = output(state, keep)
+            state = {k: v for k, v in state.items() if k not in ("p", "s")}
+            if which == "conv1":
+                return {**state, "h1": F.relu(self.bn1(y))}
+            h = F.relu(self.bn2(y) + self.short(state["h"]))
+            return {k: v for k, v in state.items() if k != "h1"} | {"h": h}
+        return apply
+
 
 class CGResNet(GatedNetwork):
     """Channel-gated CIFAR ResNet; see the module docstring for the budget mapping."""
 
     architecture = "cg_resnet"
     config_class = CGResNetConfig
-    executor = "channel_gating_compact.CompactCGResNet"
-
+    tally_class = CGTally
 
     def __init__(self, config: CGResNetConfig) -> None:
         super().__init__()
@@ -168,86 +320,23 @@ class CGResNet(GatedNetwork):
         """Every channel-gated convolution, in execution order."""
         return [conv for block in self.blocks for conv in (block.conv1, block.conv2)]
 
-    def gated_totals(self) -> list[int]:
-        return [conv.out_channels for conv in self.convs() if conv.gate is not None]
-
     def gate_modules(self) -> list[nn.Module]:
         return [conv.gate for conv in self.convs() if conv.gate is not None]
 
-    def run(self, x: torch.Tensor, plan: BudgetPlan):
-        return self.run_extra(x, plan)[:3]
+    def units(self) -> list[Unit]:
+        stem = ConvStem(self.stem, lambda x: F.relu(self.stem_bn(self.stem(x))))
+        return [stem, *self.blocks, LinearHead(self.fc)]
 
-    def _gated_conv(self, conv: ChannelGatedConv2d, x: torch.Tensor, plan: BudgetPlan,
-                    masks: list, scores: list, open_pixels: list) -> torch.Tensor:
-        if conv.gate is None:
-            return conv.conv(x)
-        p = conv.partial(x)
-        s = conv.scores(p)
-        channel_scores = s.amax((2, 3))
-        keep = plan.select(len(masks), channel_scores)
-        pixels = pixel_mask(plan.policy, plan.tau, keep, s)
-        open_pixels.append(pixels.sum((1, 2, 3)))
-        pm, cm = self.straight_through(pixels, s), self.straight_through(keep, channel_scores)
-        masks.append(cm)
-        scores.append(channel_scores)
-        return p + pm * conv.rest(x)
+    def compact_state(self, x: torch.Tensor, plan: BudgetPlan) -> dict:
+        """The input, tau and the policy (for the per-pixel masks), every sample's row, and a
+        record of open pixels (for the per-pixel MAC count)."""
+        return {"x": x, "tau": plan.tau, "policy": plan.policy,
+                "index": torch.arange(x.shape[0], device=x.device),
+                "record": OpenPixels(x.shape[0], x.device)}
 
-    def run_extra(self, x: torch.Tensor, plan: BudgetPlan):
-        """The masked reference, and the open pixels of every gated layer (for the per-pixel
-        MAC count)."""
-        masks, scores, open_pixels = [], [], []
-        h = F.relu(self.stem_bn(self.stem(x)))
-        for block in self.blocks:
-            h1 = F.relu(block.bn1(self._gated_conv(block.conv1, h, plan, masks, scores, open_pixels)))
-            h2 = block.bn2(self._gated_conv(block.conv2, h1, plan, masks, scores, open_pixels))
-            h = F.relu(h2 + block.short(h))
-        return self.fc(h.mean((2, 3))), masks, scores, {"open_pixels": open_pixels}
-
-    def macs(self, masks: list[torch.Tensor], height: int, width: int, batch: int = 1,
-             open_pixels: list[torch.Tensor] | None = None) -> ChannelGatingCost:
-        """Executed MACs of the per-channel realization, and the per-pixel ideal count.
-
-        `open_pixels` (per gated layer, (B,) open (channel, pixel) pairs) gives the ideal
-        count; without it, a kept channel counts as open at every pixel (ideal = executed).
-        """
-        batch = masks[0].shape[0] if masks else batch
-        device = masks[0].device if masks else None
-        kept = kept_counts(masks, batch, device)
-        h, w = height, width
-        dense = h * w * 27 * self.stem.out_channels
-        executed = torch.full((batch,), dense, dtype=torch.long, device=device)
-        pixel = executed.clone()
-        gated = 0
-        for block in self.blocks:
-            for conv in (block.conv1, block.conv2):
-                ho, wo = conv_out(h, conv.stride), conv_out(w, conv.stride)
-                full = ho * wo * 9 * conv.in_channels * conv.out_channels
-                dense += full
-                if conv.gate is None:
-                    executed += full
-                    pixel += full
-                else:
-                    base = ho * wo * 9 * conv.base * conv.out_channels
-                    rest = 9 * (conv.in_channels - conv.base)  # per open (channel, pixel)
-                    k = kept[:, gated]
-                    executed += base + k * ho * wo * rest
-                    opened = k * ho * wo if open_pixels is None else open_pixels[gated].to(k)
-                    pixel += base + opened * rest
-                    gated += 1
-                h, w = ho, wo
-            if block.shortcut is not None:
-                conv = block.shortcut[0]
-                short = h * w * conv.in_channels * conv.out_channels
-                dense += short
-                executed += short
-                pixel += short
-        classifier = self.fc.in_features * self.fc.out_features
-        dense += classifier
-        executed += classifier
-        pixel += classifier
-        return ChannelGatingCost(dense, executed, torch.zeros_like(executed), kept, self.gated_totals(),
-                                 pixel)
-
+    def compact_extra(self, state: dict) -> dict:
+        record = state["record"]
+        return {"open_pixels": [record.of(c) for c in self.convs() if c.gate is not None]}
 
 SMOKE = {"blocks": (1, 1), "widths": (8, 16)}  # a small instance, for the contract tests
 

@@ -37,15 +37,15 @@ from torch import nn
 from ..core.base import Gate, GatedNetwork
 from ..core.budget import (
     GRID_STEP,
-    BudgetPlan,
     CalibrationTable,
     PrefixPlan,
     budget_grid,
     largest_within,
     prefix_mask,
 )
-from ..core.macs import Cost, conv_out, kept_counts
+from ..core.macs import Cost, conv_out
 from ..core.registry import register_model
+from ..core.units import ConvStem, LinearHead, Step, Tally, Trace, Unit
 from .cifar_resnet import resnet_layout
 
 FULL_BITS = 32
@@ -114,6 +114,27 @@ class DFSCost(Cost):
         return self.bitops.double() / self.bitops_dense
 
 
+class DFSTally(Tally):
+    """The cost walk's sums, with BitOps: each part at its bit-width (`bits`, per sample
+    where it varies), the most expensive configuration's at `dense_bits`, gates at 32."""
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        self.bitops = torch.zeros_like(self.executed)
+        self.bitops_dense = 0
+
+    def add(self, dense: int, executed=None, gate=0, bits=FULL_BITS, dense_bits=None) -> None:
+        super().add(dense, executed, gate)
+        ran = dense if executed is None else executed
+        self.bitops += ran * bits**2 + gate * FULL_BITS**2
+        self.bitops_dense += dense * (bits if dense_bits is None else dense_bits) ** 2
+        self.bitops_dense += gate * FULL_BITS**2
+
+    def cost(self, totals: list[int]) -> DFSCost:
+        return DFSCost(self.dense, self.executed, self.gates, self.kept, totals, self.bitops,
+                       int(self.bitops_dense), self.dense * FULL_BITS**2)
+
+
 class DFSGate(Gate):
     """Global average pool -> FC -> sigmoid, made non-increasing over the K levels."""
 
@@ -129,12 +150,14 @@ class DFSGate(Gate):
         return self.fc.in_features * self.fc.out_features
 
 
-class DFSBlock(nn.Module):
-    """Basic block, runnable in full precision or fake-quantized to a bit-width."""
+class DFSBlock(nn.Module, Unit):
+    """Basic block, runnable in full precision or fake-quantized to a bit-width; gated
+    (levels 0..len(bits)) where `bits` is given and the shortcut is the identity."""
 
-    def __init__(self, cin: int, cout: int, stride: int, levels: int | None) -> None:
+    def __init__(self, cin: int, cout: int, stride: int, bits: tuple[int, ...] | None) -> None:
         super().__init__()
         self.stride = stride
+        self.bits = bits
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
@@ -143,8 +166,9 @@ class DFSBlock(nn.Module):
         if stride != 1 or cin != cout:
             self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
                                           nn.BatchNorm2d(cout))
-        self.gate = DFSGate(cin, levels) if levels and self.shortcut is None else None
-        self.fixed_bits: int | None = None  # bit-width of an ungated block (None: 32-bit)
+        self.gate = DFSGate(cin, len(bits)) if bits and self.shortcut is None else None
+        # bit-width of an ungated block: the highest in a gated network, else 32
+        self.fixed_bits = bits[-1] if bits and self.gate is None else None
 
     def branch(self, x: torch.Tensor, bits: int | None = None,
                weights: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
@@ -167,15 +191,67 @@ class DFSBlock(nn.Module):
         short = x if self.shortcut is None else self.shortcut(x)
         return F.relu(self.branch(x, self.fixed_bits) + short)
 
+    def gated_layers(self) -> list[tuple[int, int]]:
+        return [] if self.gate is None else [(len(self.bits), 1)]
+
+    def reference(self, state: dict, trace: Trace) -> dict:
+        """Each level present in the batch (all in training, for the straight-through
+        gradients) runs on the whole batch; each sample takes its level's output (level 0:
+        the input)."""
+        h = state["h"]
+        if self.gate is None:
+            return {"h": self.full(h)}
+        s = self.gate(h)
+        k = len(self.bits)
+        level = trace.keep(s).sum(1)
+        m = trace.record(prefix_mask(level, k), s)
+        # one-hot of the level from the thermometer mask: m_j - m_{j+1}
+        onehot = m - torch.cat([m[:, 1:], torch.zeros_like(m[:, :1])], 1)
+        present = range(1, k + 1) if self.training else sorted(set(level.tolist()) - {0})
+        branch = torch.zeros_like(h)
+        for j in present:
+            branch = branch + onehot[:, j - 1, None, None, None] * self.branch(h, self.bits[j - 1])
+        return {"h": F.relu(h + branch)}
+
+    def cost(self, tally: Tally) -> None:
+        """MACs (a skipped block saves its MACs; quantization saves none) and BitOps."""
+        h, w = tally.size
+        ho, wo = conv_out(h, self.stride), conv_out(w, self.stride)
+        cin, cout = self.conv1.in_channels, self.conv1.out_channels
+        body = ho * wo * 9 * (cin * cout + cout * cout)
+        if self.gate is None:
+            tally.add(body, bits=self.fixed_bits or FULL_BITS)
+            if self.shortcut is not None:
+                tally.add(ho * wo * cin * cout)
+        else:
+            level = tally.kept[:, tally.next()]
+            bits = torch.tensor([0, *self.bits], device=tally.device)[level]
+            tally.add(body, (level > 0) * body, self.gate.macs(), bits, self.bits[-1])
+        tally.size = ho, wo
+
+    def steps(self) -> list[Step]:
+        """A skipped block is not computed; an executed one runs at its level's bit-width
+        with weights quantized once (the operations of the reference: the same numbers)."""
+        if self.gate is None:
+            return [Step(lambda state, keep: {"h": self.full(state["h"])})]
+        weights = [(quantize_weight(self.conv1.weight, b), quantize_weight(self.conv2.weight, b))
+                   for b in self.bits]
+
+        def apply(state: dict, keep) -> dict:
+            level = int(keep[0].sum())
+            if level == 0:
+                return state  # skipped: not computed
+            h = state["h"]
+            return {"h": F.relu(h + self.branch(h, self.bits[level - 1], weights[level - 1]))}
+        return [Step(apply, gate=lambda state: self.gate(state["h"]))]
+
 
 class DFSResNet(GatedNetwork):
     """CIFAR ResNet with dynamic fractional skipping; see the module docstring."""
 
     architecture = "dfs_resnet"
     config_class = DFSResNetConfig
-    executor = "dfs_compact.CompactDFSResNet"
-
-
+    tally_class = DFSTally
     budget_unit = "bitops"
 
     def __init__(self, config: DFSResNetConfig) -> None:
@@ -183,15 +259,11 @@ class DFSResNet(GatedNetwork):
         self.config = config
         self.input_size = config.input_size
         c0 = config.widths[0]
-        levels = len(config.bits) if config.gate else None
+        bits = config.bits if config.gate else None
         self.stem = nn.Conv2d(3, c0, 3, padding=1, bias=False)
         self.stem_bn = nn.BatchNorm2d(c0)
-        self.blocks = nn.ModuleList(DFSBlock(cin, cout, stride, levels)
+        self.blocks = nn.ModuleList(DFSBlock(cin, cout, stride, bits)
                                     for cin, cout, stride in resnet_layout(config.blocks, config.widths))
-        if config.gate:
-            for block in self.blocks:
-                if block.gate is None:
-                    block.fixed_bits = config.bits[-1]
         self.fc = nn.Linear(config.widths[-1], config.num_classes)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -204,8 +276,9 @@ class DFSResNet(GatedNetwork):
     def gated_blocks(self) -> list[DFSBlock]:
         return [block for block in self.blocks if block.gate is not None]
 
-    def gated_totals(self) -> list[int]:
-        return [self.levels] * len(self.gated_blocks())
+    def units(self) -> list[Unit]:
+        stem = ConvStem(self.stem, lambda x: F.relu(self.stem_bn(self.stem(x))))
+        return [stem, *self.blocks, LinearHead(self.fc)]
 
     # --- budget mapping (BitOps) ---------------------------------------------------------
 
@@ -243,79 +316,6 @@ class DFSResNet(GatedNetwork):
         taus = [round(1.0 - i / (n * k), 6) for i in best]
         return CalibrationTable(budgets, taus, [ladder[i] for i in best], floor, "uniform",
                                 {"budget_unit": BITOPS_LABEL, "bits": list(self.config.bits)})
-
-    # --- execution and cost -------------------------------------------------------------
-
-    def run(self, x: torch.Tensor, plan: BudgetPlan):
-        """Masked reference: each gated block's levels present in the batch (all K in
-        training, for the straight-through gradients) run on the whole batch; each sample
-        takes its level's output (level 0: the input)."""
-        masks, scores = [], []
-        h = F.relu(self.stem_bn(self.stem(x)))
-        k = self.levels
-        for block in self.blocks:
-            if block.gate is None:
-                h = block.full(h)
-                continue
-            s = block.gate(h)
-            level = plan.select(len(masks), s).sum(1)
-            m = self.straight_through(prefix_mask(level, k), s)
-            masks.append(m)
-            scores.append(s)
-            # one-hot of the level from the thermometer mask: m_j - m_{j+1}
-            onehot = m - torch.cat([m[:, 1:], torch.zeros_like(m[:, :1])], 1)
-            present = range(1, k + 1) if self.training else sorted(set(level.tolist()) - {0})
-            branch = torch.zeros_like(h)
-            for j in present:
-                out = block.branch(h, self.config.bits[j - 1])
-                branch = branch + onehot[:, j - 1, None, None, None] * out
-            h = F.relu(h + branch)
-        return self.fc(h.mean((2, 3))), masks, scores
-
-    def macs(self, masks: list[torch.Tensor], height: int, width: int, batch: int = 1) -> DFSCost:
-        """MACs (a skipped block saves its MACs; quantization saves none) and BitOps
-        (MACs x bits^2: 32 bits outside the gated blocks, gates included)."""
-        batch = masks[0].shape[0] if masks else batch
-        device = masks[0].device if masks else None
-        kept = kept_counts(masks, batch, device)
-        full_ops = FULL_BITS * FULL_BITS
-        per_level = torch.tensor([0] + [b * b for b in self.config.bits], device=device)
-        top = self.config.bits[-1] ** 2
-        h, w = height, width
-        dense = h * w * 27 * self.stem.out_channels
-        executed = torch.full((batch,), dense, dtype=torch.long, device=device)
-        gates = torch.zeros_like(executed)
-        bitops = executed * full_ops
-        bitops_dense = dense * full_ops
-        gated = 0
-        for block in self.blocks:
-            ho, wo = conv_out(h, block.stride), conv_out(w, block.stride)
-            cin, cout = block.conv1.in_channels, block.conv1.out_channels
-            body = ho * wo * 9 * (cin * cout + cout * cout)
-            dense += body
-            if block.gate is None:
-                short = ho * wo * cin * cout if block.shortcut is not None else 0
-                dense += short
-                ops = full_ops if block.fixed_bits is None else block.fixed_bits**2
-                executed += body + short
-                bitops += body * ops + short * full_ops
-                bitops_dense += body * ops + short * full_ops
-            else:
-                level = kept[:, gated]
-                gate = block.gate.macs()
-                gates += gate
-                executed += gate + (level > 0) * body
-                bitops += gate * full_ops + body * per_level[level]
-                bitops_dense += gate * full_ops + body * top
-                gated += 1
-            h, w = ho, wo
-        classifier = self.fc.in_features * self.fc.out_features
-        dense += classifier
-        executed += classifier
-        bitops += classifier * full_ops
-        bitops_dense += classifier * full_ops
-        return DFSCost(dense, executed, gates, kept, self.gated_totals(), bitops, int(bitops_dense),
-                       dense * full_ops)
 
 
 SMOKE = {"blocks": (2, 2), "widths": (8, 16), "bits": (8, 16)}  # a small instance, for the contract tests

@@ -11,9 +11,16 @@ default: a multiple of the CPU kernels' vector width, so a kept count never land
 kernels' tiles). A gated unit is one block: `gated_totals` counts blocks, masks are (B, blocks)
 and costs count kept blocks. A skipped block is zero after its GELU, so the next convolution
 reads only the kept blocks: skipping an output block of one layer also removes that input
-block from the next (see compact_fastnet.py). Gates read the convolution's input, as in ACS;
+block from the next. Gates read the convolution's input, as in ACS;
 `gate` picks ACS-GN ("acs") or the FBS-style "cheap" gate, None gives the dense baseline.
 `dgconv` makes the square 3x3 convolutions DGConv2d (ACS-DG).
+
+Compact execution: every convolution has its BN folded in once (scale into the weight, shift
+into a bias; the scale is positive, so BN commutes with the max pool). A gated layer gathers
+the weight rows of its kept output blocks and the columns of the previous layer's kept
+blocks; the gates read only the channels that exist. Samples that keep the same number of
+blocks in a layer run as one grouped convolution; under `threshold` a batch runs the union
+of its kept blocks as one plain convolution and zeros the blocks a sample did not keep.
 """
 
 from __future__ import annotations
@@ -27,9 +34,10 @@ from torch import nn
 from ..acs.dgconv import DGConv2d
 from ..acs.gates import make_gate
 from ..core.base import GatedNetwork
-from ..core.budget import BudgetPlan
-from ..core.macs import Cost, kept_counts
+from ..core.folding import fold_conv_bn
+from ..core.gather import block_channels, conv2d, conv3x3_gathered, linear_gathered, max_pool2x2
 from ..core.registry import register_model
+from ..core.units import ConvStem, Step, Tally, Trace, Unit
 
 WHITEN_KERNEL = 2
 
@@ -80,10 +88,100 @@ def conv_weight(conv: nn.Module) -> torch.Tensor:
     return conv.weight
 
 
+def kept_blocks(keep: torch.Tensor) -> torch.Tensor | None:
+    """(B, k) indices of the kept blocks (B, U) (equal counts), or None when all are kept."""
+    kept = keep.nonzero()
+    return None if kept.shape[0] == keep.numel() else kept[:, 1].view(keep.shape[0], -1)
+
+
+class FastLayer(Unit):
+    """A FastNet layer: conv (-> 2x2 max pool, a block's first) -> BN -> GELU, gated on its
+    output channel blocks of `block` channels by a gate reading its input."""
+
+    def __init__(self, conv: nn.Module, norm: nn.BatchNorm2d, gate: nn.Module | None, pool: bool,
+                 block: int) -> None:
+        self.conv, self.norm, self.gate, self.pool, self.block = conv, norm, gate, pool, block
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        h = self.conv(h)
+        if self.pool:
+            h = F.max_pool2d(h, 2)
+        return F.gelu(self.norm(h))
+
+    def gated_layers(self) -> list[tuple[int, int]]:
+        return [] if self.gate is None else [(self.norm.num_features // self.block, 1)]
+
+    def reference(self, state: dict, trace: Trace) -> dict:
+        h = state["h"]
+        if self.gate is None:
+            return {"h": self.forward(h)}
+        m = trace.mask(self.gate(h))
+        return {"h": self.forward(h) * m.repeat_interleave(self.block, 1)[:, :, None, None]}
+
+    def cost(self, tally: Tally) -> None:
+        """A kept output block reads only the previous layer's kept blocks."""
+        h, w = tally.size
+        cin, cout = tally.flow["channels"], self.norm.num_features
+        dense = 9 * h * w * self.conv.weight.shape[1] * cout
+        if self.gate is None:
+            tally.add(dense, 9 * h * w * cin * cout)
+        else:
+            cout = tally.kept[:, tally.next()] * self.block
+            tally.add(dense, 9 * h * w * cin * cout, self.gate.macs(cin, h, w))
+        tally.flow["channels"] = cout
+        if self.pool:
+            tally.size = h // 2, w // 2
+
+    def steps(self) -> list[Step]:
+        if (self.norm.weight <= 0).any():
+            raise ValueError("a FastNet BN scale must be positive to commute with max pooling")
+        weight, bias = (t.contiguous() for t in fold_conv_bn(conv_weight(self.conv), self.norm))
+        channels = torch.arange(weight.shape[0], device=weight.device).view(-1, self.block)
+
+        def apply(state: dict, keep) -> dict:
+            blocks = None if keep is None else kept_blocks(keep)
+            rows = None if blocks is None else block_channels(blocks, channels)
+            h = conv3x3_gathered(state["h"], weight, bias, self.block, rows, state.get("blocks"))
+            if self.pool:
+                h = max_pool2x2(h)
+            return {"h": F.gelu(h), "blocks": blocks, "index": rows}
+
+        if self.gate is None:
+            return [Step(apply)]
+        return [Step(apply, gate=lambda state: self.gate(state["h"], state.get("index")),
+                     zero=self._zero)]
+
+    def _zero(self, state: dict, own: torch.Tensor) -> dict:
+        """Zero each sample's blocks outside its own keep `own` (B, kept blocks of the pass)."""
+        mask = own.repeat_interleave(self.block, 1).to(state["h"].dtype)
+        return {**state, "h": state["h"] * mask[:, :, None, None]}
+
+
+class FastHead(Unit):
+    """Global max pool -> linear classifier, scaled; reads only the last layer's kept blocks."""
+
+    def __init__(self, head: nn.Linear, scale: float) -> None:
+        self.head, self.scale = head, scale
+
+    def reference(self, state: dict, trace: Trace) -> dict:
+        return {"logits": self.head(state["h"].amax((2, 3))) * self.scale}
+
+    def cost(self, tally: Tally) -> None:
+        classes = self.head.out_features
+        tally.add(self.head.in_features * classes, tally.flow["channels"] * classes)
+
+    def steps(self) -> list[Step]:
+        def apply(state: dict, keep) -> dict:
+            h = state["h"]
+            pooled = h.amax((2, 3)) if h.shape[1] else h.new_zeros(h.shape[0], 0)
+            return {"logits": linear_gathered(pooled, self.head.weight, state.get("index"))
+                    * self.scale}
+        return [Step(apply)]
+
+
 class FastNet(GatedNetwork):
     architecture = "fastnet"
     config_class = FastNetConfig
-    executor = "fastnet_compact.CompactFastNet"
 
     def __init__(self, config: FastNetConfig) -> None:
         super().__init__()
@@ -121,74 +219,14 @@ class FastNet(GatedNetwork):
         filters = (vectors.T / torch.sqrt(values + eps)[:, None]).reshape(-1, 3, k, k)
         self.whiten.weight.copy_(torch.cat([filters, -filters]))
 
-    def gated_totals(self) -> list[int]:
-        if self.gates is None:
-            return []
-        return [norm.num_features // self.config.block for norm in self.norms]
-
-    def stem(self, x: torch.Tensor) -> torch.Tensor:
-        return F.gelu(self.whiten(x))
-
-    def layer(self, i: int, h: torch.Tensor) -> torch.Tensor:
-        """Gated layer i without its mask: conv (-> max pool for a block's first) -> BN -> GELU."""
-        h = self.convs[i](h)
-        if i % 2 == 0:
-            h = F.max_pool2d(h, 2)
-        return F.gelu(self.norms[i](h))
-
-    def classify(self, h: torch.Tensor) -> torch.Tensor:
-        return self.head(h.amax((2, 3))) * self.config.head_scale
-
-    def run(self, x: torch.Tensor, plan: BudgetPlan):
-        masks, scores = [], []
-        h = self.stem(x)
-        for i in range(len(self.convs)):
-            if self.gates is None:
-                h = self.layer(i, h)
-                continue
-            s = self.gates[i](h)
-            m = self.straight_through(plan.select(i, s), s)
-            h = self.layer(i, h) * m.repeat_interleave(self.config.block, 1)[:, :, None, None]
-            masks.append(m)
-            scores.append(s)
-        return self.classify(h), masks, scores
-
-    def sizes(self, height: int, width: int) -> list[tuple[int, int]]:
-        """Output (height, width) of every 3x3 convolution (before its pool)."""
-        h, w = height - WHITEN_KERNEL + 1, width - WHITEN_KERNEL + 1
-        out = []
-        for i in range(len(self.convs)):
-            out.append((h, w))
-            if i % 2 == 0:
-                h, w = h // 2, w // 2
-        return out
-
-    def macs(self, masks: list[torch.Tensor], height: int, width: int, batch: int = 1) -> Cost:
-        """Executed MACs as one product of kept widths per layer (a few tensor ops at any batch)."""
-        cfg = self.config
-        batch = masks[0].shape[0] if masks else batch
-        device = masks[0].device if masks else None
-        kept = kept_counts(masks, batch, device)
-        widths = [norm.num_features for norm in self.norms]
-        cin_dense = [self.whiten.out_channels, *widths[:-1]]
-        sizes = self.sizes(height, width)
-        per_pixel = [9 * h * w for h, w in sizes]
-        stem_pixels = (height - WHITEN_KERNEL + 1) * (width - WHITEN_KERNEL + 1)
-        stem = stem_pixels * cin_dense[0] * 3 * WHITEN_KERNEL**2
-        dense = stem + sum(p * i * o for p, i, o in zip(per_pixel, cin_dense, widths, strict=True))
-        dense += widths[-1] * cfg.num_classes
-        cout = kept * cfg.block if masks else torch.tensor(widths, device=device).expand(batch, -1)
-        cin = torch.cat([cout.new_full((batch, 1), cin_dense[0]), cout[:, :-1]], 1)
-        executed = (cin * cout * torch.tensor(per_pixel, device=device)).sum(1)
-        executed += stem + cout[:, -1] * cfg.num_classes
-        gates = torch.zeros_like(executed)
-        if self.gates is not None:
-            offsets = [g.macs(0, h, w) for g, (h, w) in zip(self.gates, sizes, strict=True)]
-            slopes = [g.macs(1, h, w) - o for g, (h, w), o in zip(self.gates, sizes, offsets, strict=True)]
-            gates = sum(offsets) + (cin * torch.tensor(slopes, device=device)).sum(1)
-            executed += gates
-        return Cost(dense, executed, gates, kept, self.gated_totals())
-
+    def units(self) -> list[Unit]:
+        whiten = self.whiten.weight.detach(), self.whiten.bias.detach()
+        stem = ConvStem(self.whiten, lambda x: F.gelu(self.whiten(x)),
+                        compact=lambda x: F.gelu(conv2d(x, *whiten, padding=0)))
+        gates = self.gates or [None] * len(self.convs)
+        layers = [FastLayer(conv, norm, gate, i % 2 == 0, self.config.block)
+                  for i, (conv, norm, gate) in enumerate(zip(self.convs, self.norms, gates, strict=True))]
+        return [stem, *layers, FastHead(self.head, self.config.head_scale)]
 
 SMOKE = {"widths": (16, 32, 32)}  # a small instance, for the contract tests
 

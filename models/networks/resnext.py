@@ -4,10 +4,16 @@ each gated on its bottleneck width.
 A skipped width channel removes MACs in all three convolutions: its row of the first 1x1,
 its row and column of the 3x3, and its column of the last 1x1. A block with every channel
 skipped reduces to its shortcut plus a constant.
+
+Compact execution: per block, only the kept width channels run: the rows of the first 1x1,
+the kept part of each DGConv group of the 3x3, and the columns of the last 1x1 (BN folded
+into all three). The 3x3 runs as one grouped convolution whose groups are padded to the
+fullest group's kept count (cmax); those padding MACs are counted as executed.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 
 import torch
@@ -17,9 +23,11 @@ from torch import nn
 from ..acs.dgconv import DGConv2d
 from ..acs.gates import make_gate
 from ..core.base import GatedNetwork
-from ..core.budget import BudgetPlan
-from ..core.macs import Cost, conv_out, kept_counts
+from ..core.folding import fold_conv_bn
+from ..core.gather import conv1x1_gathered, gather_rows
+from ..core.macs import conv_out
 from ..core.registry import register_model
+from ..core.units import ConvStem, LinearHead, Step, Tally, Trace, Unit
 
 
 @dataclass(frozen=True)
@@ -39,7 +47,26 @@ class ResNeXtConfig:
         return asdict(self)
 
 
-class GBottleneck(nn.Module):
+def group_slots(keep: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """For keep (B, C) with equal counts: kept channels (B, k), their slots in the padded
+    grouped layout (B, k), and the padded group size cmax."""
+    b, c = keep.shape
+    per_group = keep.reshape(b, groups, c // groups)
+    cmax = int(per_group.sum(-1).amax())
+    rank = per_group.cumsum(-1) - 1  # position of each kept channel within its group
+    slot = rank + torch.arange(groups, device=keep.device)[:, None] * cmax
+    rows = keep.nonzero()[:, 1].reshape(b, -1)
+    return rows, slot.reshape(b, c).gather(1, rows), cmax
+
+
+def group_key(groups: int, keep: torch.Tensor) -> torch.Tensor:
+    """Samples with equal kept counts and equal fullest-group counts (cmax) run together."""
+    b, c = keep.shape
+    cmax = keep.reshape(b, groups, c // groups).sum(-1).amax(-1)
+    return keep.sum(1) * (c + 1) + cmax
+
+
+class GBottleneck(nn.Module, Unit):
     """1x1 -> DGConv 3x3 (stride) -> 1x1, BN after each, residual; gated on the width."""
 
     def __init__(self, in_channels: int, width: int, out_channels: int, stride: int,
@@ -66,11 +93,91 @@ class GBottleneck(nn.Module):
         identity = x if self.shortcut is None else self.shortcut(x)
         return F.relu(self.bn3(self.conv3(h)) + identity)
 
+    def gated_layers(self) -> list[tuple[int, int]]:
+        return [] if self.gate is None else [(self.conv2.channels, self.conv2.groups())]
+
+    def reference(self, state: dict, trace: Trace) -> dict:
+        h, mask = state["h"], None
+        if self.gate is not None:
+            mask = trace.mask(self.gate(h), self.conv2.groups())
+        return {"h": self(h, mask)}
+
+    def cost(self, tally: Tally) -> None:
+        conv2 = self.conv2
+        h, w = tally.size
+        ho, wo = conv_out(h, conv2.stride), conv_out(w, conv2.stride)
+        cin, width, cout = self.conv1.in_channels, conv2.channels, self.conv3.out_channels
+        short = ho * wo * cin * cout if self.shortcut is not None else 0
+        dense = h * w * cin * width + ho * wo * conv2.macs_per_pixel() + ho * wo * width * cout
+        executed, gate = None, 0
+        if self.gate is not None:
+            i = tally.next()
+            groups, k = conv2.groups(), tally.kept[:, i]
+            cmax = (tally.masks[i] > 0).reshape(tally.batch, groups, -1).sum(-1).amax(-1)
+            executed = h * w * cin * k + ho * wo * groups * cmax * cmax * 9 + ho * wo * k * cout
+            executed += short
+            gate = self.gate.macs(cin, h, w)
+        tally.add(dense + short, executed, gate)
+        tally.size = ho, wo
+
+    def steps(self) -> list[Step]:
+        if self.gate is None:
+            return [Step(self._compact())]
+        groups = self.conv2.groups()
+        return [Step(self._compact(), gate=lambda state: self.gate(state["h"]), groups=groups,
+                     key=functools.partial(group_key, groups))]
+
+    def _compact(self):
+        """The compact block: (state, keep) -> state."""
+        w1, b1 = fold_conv_bn(self.conv1.weight[:, :, 0, 0], self.bn1)
+        grouped, groups = self.conv2.grouped_weight()
+        w2, b2 = fold_conv_bn(grouped, self.bn2)
+        w3, b3 = fold_conv_bn(self.conv3.weight[:, :, 0, 0], self.bn3)
+        width, size = w2.shape[0], w2.shape[1]
+        # One zero column past the group's channels: what padded slots read.
+        w2_ext = torch.cat([w2, w2.new_zeros(width, 1, 3, 3)], 1)
+        stride = self.conv2.stride
+        shortcut = None
+        if self.shortcut is not None:
+            ws, bs = fold_conv_bn(self.shortcut[0].weight, self.shortcut[1])
+            shortcut = (ws, bs)
+
+        def apply(state: dict, keep) -> dict:
+            x = state["h"]
+            identity = x if shortcut is None else F.conv2d(x, shortcut[0], shortcut[1], stride)
+            if keep is None or keep.all():
+                h = F.relu(F.conv2d(x, w1[:, :, None, None], b1))
+                h = F.relu(F.conv2d(h, w2, b2, stride, 1, groups=groups))
+                return {"h": F.relu(F.conv2d(h, w3[:, :, None, None], b3) + identity)}
+            if not keep[0].any():
+                return {"h": F.relu(identity + b3[:, None, None])}
+            rows, slot, cmax = group_slots(keep, groups)
+            b, k = rows.shape
+            h1 = F.relu(torch.baddbmm(gather_rows(b1, rows)[..., None], gather_rows(w1, rows),
+                                      x.flatten(2)))
+            h1 = h1.reshape(b, k, *x.shape[2:])
+            # Padded grouped layout: group i's kept channels sit in slots [i*cmax, i*cmax+c_i).
+            padded = h1.new_zeros(b, groups * cmax, *x.shape[2:])
+            padded.scatter_(1, slot[..., None, None].expand_as(h1), h1)
+            local = torch.full((b, groups * cmax), size, dtype=torch.long, device=x.device)
+            local.scatter_(1, slot, rows % size)  # each slot's channel index within its group
+            out_rows = torch.full_like(local, 0).scatter_(1, slot, rows)
+            members = local.reshape(b, groups, 1, cmax).expand(b, groups, cmax, cmax)
+            weight = w2_ext[out_rows.reshape(b, groups, cmax)[..., None], members]
+            weight = weight.reshape(b * groups * cmax, cmax, 3, 3)
+            h2 = F.conv2d(padded.reshape(1, -1, *x.shape[2:]), weight, stride=stride, padding=1,
+                          groups=b * groups)
+            h2 = h2.reshape(b, groups * cmax, *h2.shape[2:])
+            h2 = F.relu(h2.gather(1, slot[..., None, None].expand(b, k, *h2.shape[2:]))
+                        + gather_rows(b2, rows)[..., None, None])
+            out = conv1x1_gathered(h2, w3, rows, b3)
+            return {"h": F.relu(out + identity)}
+        return apply
+
 
 class GResNeXt(GatedNetwork):
     architecture = "resnext"
     config_class = ResNeXtConfig
-    executor = "resnext_compact.CompactResNeXt"
 
     def __init__(self, config: ResNeXtConfig) -> None:
         super().__init__()
@@ -101,71 +208,9 @@ class GResNeXt(GatedNetwork):
         for block in self.blocks:
             nn.init.zeros_(block.bn3.weight)
 
-    def gated_totals(self) -> list[int]:
-        return [b.conv2.channels for b in self.blocks if b.gate is not None]
-
-    def gated_groups(self) -> list[int]:
-        return [b.conv2.groups() for b in self.blocks if b.gate is not None]
-
-    def run(self, x: torch.Tensor, plan: BudgetPlan):
-        masks, scores = [], []
-        h = self.stem(x)
-        for block in self.blocks:
-            mask = None
-            if block.gate is not None:
-                s = block.gate(h)
-                mask = self.straight_through(plan.select(len(masks), s, block.conv2.groups()), s)
-                masks.append(mask)
-                scores.append(s)
-            h = block(h, mask)
-        return self.fc(F.adaptive_avg_pool2d(h, 1).flatten(1)), masks, scores
-
-    def stem_macs(self, height: int, width: int) -> tuple[int, int, int]:
-        """(MACs, output height, output width) of the stem."""
-        conv = self.stem[0]
-        h = (height + 2 * conv.padding[0] - conv.kernel_size[0]) // conv.stride[0] + 1
-        w = (width + 2 * conv.padding[1] - conv.kernel_size[1]) // conv.stride[1] + 1
-        macs = h * w * conv.in_channels * conv.out_channels * conv.kernel_size[0] ** 2
-        if self.config.stem == "imagenet":
-            h, w = conv_out(h, 2), conv_out(w, 2)
-        return macs, h, w
-
-    def macs(self, masks: list[torch.Tensor], height: int, width: int, batch: int = 1) -> Cost:
-        batch = masks[0].shape[0] if masks else batch
-        device = masks[0].device if masks else None
-        kept = kept_counts(masks, batch, device)
-        stem, h, w = self.stem_macs(height, width)
-        executed = torch.full((batch,), stem, dtype=torch.long, device=device)
-        gates = torch.zeros_like(executed)
-        dense = stem
-        gated = 0
-        for block in self.blocks:
-            conv2 = block.conv2
-            stride = conv2.stride
-            ho, wo = conv_out(h, stride), conv_out(w, stride)
-            cin, width_, cout = block.conv1.in_channels, conv2.channels, block.conv3.out_channels
-            groups = conv2.groups()
-            short = ho * wo * cin * cout if block.shortcut is not None else 0
-            dense += h * w * cin * width_ + ho * wo * conv2.macs_per_pixel() + ho * wo * width_ * cout
-            dense += short
-            if block.gate is None:
-                k = torch.full_like(executed, width_)
-                cmax = torch.full_like(executed, width_ // groups)
-            else:
-                m = masks[gated] > 0
-                k = kept[:, gated]
-                cmax = m.reshape(batch, groups, -1).sum(-1).amax(-1)
-                gated += 1
-                g = torch.full_like(executed, block.gate.macs(cin, h, w))
-                gates += g
-                executed += g
-            executed += h * w * cin * k + ho * wo * groups * cmax * cmax * 9 + ho * wo * k * cout
-            executed += short
-            h, w = ho, wo
-        dense += self.fc.in_features * self.fc.out_features
-        executed += self.fc.in_features * self.fc.out_features
-        return Cost(dense, executed, gates, kept, self.gated_totals())
-
+    def units(self) -> list[Unit]:
+        pool = 2 if self.config.stem == "imagenet" else 1
+        return [ConvStem(self.stem[0], self.stem, pool), *self.blocks, LinearHead(self.fc)]
 
 IMAGENET_SMOKE = {  # a small instance of the ImageNet layout, for the contract tests
     "layers": (1, 1, 1, 1), "widths": (16, 16, 32, 32), "stem_channels": 16, "input_size": 64,

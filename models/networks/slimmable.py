@@ -36,8 +36,10 @@ from torch import nn
 
 from ..core.base import GatedNetwork
 from ..core.budget import BudgetPlan, CalibrationTable, prefix_mask
-from ..core.macs import Cost, conv_out, kept_counts
+from ..core.folding import scale_rows
+from ..core.macs import conv_out
 from ..core.registry import register_model
+from ..core.units import LinearHead, Step, Tally, Trace, Unit
 from .cifar_resnet import resnet_layout
 
 DEFAULT_LEVELS = tuple(i / 16 for i in range(4, 17))  # 0.25, 0.3125, ..., 1.0
@@ -154,13 +156,102 @@ class SwitchableBatchNorm2d(nn.Module):
         return x * scale[..., None, None] + shift[..., None, None]
 
 
-class SlimBlock(nn.Module):
-    """Basic block: 3x3 (stride) -> BN -> ReLU -> 3x3 -> BN, plus shortcut, ReLU.
+def priority(total: int, batch: int, device) -> torch.Tensor:
+    """Fixed channel scores (B, C): earlier channels first. Slimmable has no gate."""
+    return torch.linspace(1.0, 0.0, total, device=device).expand(batch, total)
 
-    `in_stream`, `inner`, `out_stream`: the gated layers giving its input width, its inner
-    width and its output width."""
 
-    def __init__(self, cin: int, cout: int, stride: int, bn, layers: tuple[int, int, int]) -> None:
+def _priority_gate(total: int):
+    """The compact steps' scores: the fixed priority."""
+    def scores(state: dict) -> torch.Tensor:
+        x = state["h"] if "h" in state else state["x"]
+        return priority(total, x.shape[0], x.device)
+    return scores
+
+
+def _width(trace: Trace, total: int, batch: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The next gated layer's (mask (B, C), count (B,)): the plan's prefix."""
+    scores = priority(total, batch, device)
+    keep = trace.keep(scores)
+    return trace.record(keep, scores), keep.sum(1)
+
+
+class FoldedSlices:
+    """weight[:cout, :cin] of a convolution with the BN of cout's width level folded in, and
+    its bias; built once per (cin, cout)."""
+
+    def __init__(self, conv: nn.Conv2d, bn: SwitchableBatchNorm2d) -> None:
+        self.conv, self.bn, self.cache = conv, bn, {}
+
+    def __call__(self, cin: int, cout: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if (cin, cout) not in self.cache:
+            with torch.no_grad():
+                level = int(self.bn.level_of(torch.tensor([cout]))[0])
+                scale, shift = self.bn.affine(level, cout)
+                weight = scale_rows(self.conv.weight[:cout, :cin], scale)
+                self.cache[cin, cout] = (weight.contiguous(), shift.contiguous())
+        return self.cache[cin, cout]
+
+
+class SlimStem(Unit):
+    """3x3 conv -> BN -> ReLU at the width of the first stream (gated layer 0)."""
+
+    def __init__(self, conv: nn.Conv2d, bn: SwitchableBatchNorm2d) -> None:
+        self.conv, self.bn = conv, bn
+
+    def gated_layers(self) -> list[tuple[int, int]]:
+        return [(self.conv.out_channels, 1)]
+
+    def reference(self, state: dict, trace: Trace) -> dict:
+        x = state["x"]
+        mask, count = _width(trace, self.conv.out_channels, x.shape[0], x.device)
+        h = F.relu(self.bn(self.conv(x), count)) * mask[:, :, None, None]
+        return {"h": h, "stream": (mask, count)}
+
+    def cost(self, tally: Tally) -> None:
+        h, w = tally.size
+        k = tally.kept[:, tally.next()]
+        tally.add(h * w * 27 * self.conv.out_channels, h * w * 27 * k)
+        tally.flow["channels"] = k
+
+    def steps(self) -> list[Step]:
+        fold = FoldedSlices(self.conv, self.bn)
+
+        def apply(state: dict, keep) -> dict:
+            c = int(keep[0].sum())
+            h = F.relu(F.conv2d(state["x"], *fold(3, c), padding=1))
+            return {"h": h, "c": c, "out": c}
+        return [Step(apply, gate=_priority_gate(self.conv.out_channels))]
+
+
+class StreamWidth(Unit):
+    """The residual stream's width from a projection block on (a gated layer decided before
+    the block; no computation of its own)."""
+
+    def __init__(self, channels: int) -> None:
+        self.channels = channels
+
+    def gated_layers(self) -> list[tuple[int, int]]:
+        return [(self.channels, 1)]
+
+    def reference(self, state: dict, trace: Trace) -> dict:
+        x = state["h"]
+        return state | {"next": _width(trace, self.channels, x.shape[0], x.device)}
+
+    def cost(self, tally: Tally) -> None:
+        tally.flow["next"] = tally.kept[:, tally.next()]
+
+    def steps(self) -> list[Step]:
+        return [Step(lambda state, keep: {**state, "out": int(keep[0].sum())},
+                     gate=_priority_gate(self.channels))]
+
+
+class SlimBlock(nn.Module, Unit):
+    """Basic block: 3x3 (stride) -> BN -> ReLU -> 3x3 -> BN, plus shortcut, ReLU; gated on its
+    inner width. It reads the stream's width and writes the stream's next width (a
+    projection block's, decided by the `StreamWidth` before it; else the same)."""
+
+    def __init__(self, cin: int, cout: int, stride: int, bn) -> None:
         super().__init__()
         self.stride = stride
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
@@ -171,7 +262,59 @@ class SlimBlock(nn.Module):
         if stride != 1 or cin != cout:
             self.short_conv = nn.Conv2d(cin, cout, 1, stride, bias=False)
             self.short_bn = bn(cout)
-        self.in_stream, self.inner, self.out_stream = layers
+
+    def gated_layers(self) -> list[tuple[int, int]]:
+        return [(self.conv1.out_channels, 1)]
+
+    def reference(self, state: dict, trace: Trace) -> dict:
+        h = state["h"]
+        mask, count = _width(trace, self.conv1.out_channels, h.shape[0], h.device)
+        inner = F.relu(self.bn1(self.conv1(h), count)) * mask[:, :, None, None]
+        out_mask, out_count = state.get("next", state["stream"])
+        out = self.bn2(self.conv2(inner), out_count)
+        short = h if self.short_conv is None else self.short_bn(self.short_conv(h), out_count)
+        return {"h": F.relu(out + short) * out_mask[:, :, None, None],
+                "stream": (out_mask, out_count)}
+
+    def cost(self, tally: Tally) -> None:
+        h, w = tally.size
+        ho, wo = conv_out(h, self.stride), conv_out(w, self.stride)
+        full_in, full_out = self.conv1.in_channels, self.conv1.out_channels
+        cin, k = tally.flow["channels"], tally.kept[:, tally.next()]
+        cout = tally.flow.pop("next", cin)
+        tally.add(ho * wo * 9 * (full_in * full_out + full_out * full_out),
+                  ho * wo * 9 * (cin * k + k * cout))
+        if self.short_conv is not None:
+            tally.add(ho * wo * full_in * full_out, ho * wo * cin * cout)
+        tally.size = ho, wo
+        tally.flow["channels"] = cout
+
+    def steps(self) -> list[Step]:
+        fold1, fold2 = FoldedSlices(self.conv1, self.bn1), FoldedSlices(self.conv2, self.bn2)
+        fold_short = None if self.short_conv is None else FoldedSlices(self.short_conv, self.short_bn)
+
+        def apply(state: dict, keep) -> dict:
+            h, cin, cout = state["h"], state["c"], state["out"]
+            k = int(keep[0].sum())
+            inner = F.relu(F.conv2d(h, *fold1(cin, k), self.stride, 1))
+            out = F.conv2d(inner, *fold2(k, cout), 1, 1)
+            short = h if fold_short is None else F.conv2d(h, *fold_short(cin, cout), self.stride)
+            return {"h": F.relu(out + short), "c": cout, "out": cout}
+        return [Step(apply, gate=_priority_gate(self.conv1.out_channels))]
+
+
+class SlimHead(LinearHead):
+    """Global average pool -> the classifier's columns of the stream's width."""
+
+    def cost(self, tally: Tally) -> None:
+        classes = self.fc.out_features
+        tally.add(self.fc.in_features * classes, tally.flow["channels"] * classes)
+
+    def steps(self) -> list[Step]:
+        def apply(state: dict, keep) -> dict:
+            x = state["h"].mean((2, 3))
+            return {"logits": F.linear(x, self.fc.weight[:, : state["c"]], self.fc.bias)}
+        return [Step(apply)]
 
 
 class SlimmableResNet(GatedNetwork):
@@ -179,9 +322,6 @@ class SlimmableResNet(GatedNetwork):
 
     architecture = "slimmable_resnet"
     config_class = SlimmableResNetConfig
-    executor = "slimmable_compact.CompactSlimmableResNet"
-
-
     adaptive = False  # the cost does not depend on the input: no data calibration needed
 
     def __init__(self, config: SlimmableResNetConfig) -> None:
@@ -195,18 +335,8 @@ class SlimmableResNet(GatedNetwork):
 
         self.stem = nn.Conv2d(3, config.widths[0], 3, padding=1, bias=False)
         self.stem_bn = bn(config.widths[0])
-        totals, stream, blocks = [config.widths[0]], 0, []
-        for cin, cout, stride in resnet_layout(config.blocks, config.widths):
-            in_stream = stream
-            if stride != 1 or cin != cout:
-                stream = len(totals)
-                totals.append(cout)
-            inner = len(totals)
-            totals.append(cout)
-            blocks.append(SlimBlock(cin, cout, stride, bn, (in_stream, inner, stream)))
-        self.blocks = nn.ModuleList(blocks)
-        self.last_stream = stream
-        self._totals = totals
+        self.blocks = nn.ModuleList(SlimBlock(cin, cout, stride, bn)
+                                    for cin, cout, stride in resnet_layout(config.blocks, config.widths))
         self.fc = nn.Linear(config.widths[-1], config.num_classes)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -214,13 +344,18 @@ class SlimmableResNet(GatedNetwork):
 
     # --- budget mapping ---------------------------------------------------------------
 
-    def gated_totals(self) -> list[int]:
-        return list(self._totals)
+    def units(self) -> list[Unit]:
+        units: list[Unit] = [SlimStem(self.stem, self.stem_bn)]
+        for block in self.blocks:
+            if block.short_conv is not None:
+                units.append(StreamWidth(block.conv1.out_channels))
+            units.append(block)
+        return units + [SlimHead(self.fc)]
 
     def level_counts(self, level: int) -> list[int]:
         """Channels of every gated layer at width level `level`."""
         width = self.config.width_levels[level]
-        return [channels_at(t, width) for t in self._totals]
+        return [channels_at(t, width) for t in self.gated_totals()]
 
     def level_index(self, width: float) -> int:
         """The widest level <= width (the narrowest level for anything below it)."""
@@ -251,14 +386,6 @@ class SlimmableResNet(GatedNetwork):
         return WidthPlan.resolve(self.table, budget, policy, batch, device,
                                  minimum=tuple(self.level_counts(0)))
 
-    def width_counts(self, plan: BudgetPlan) -> torch.Tensor:
-        """(B, L) channels each layer keeps: the plan's counts, clamped to the narrowest and
-        widest widths (any policy; tau is not used)."""
-        device = plan.counts.device
-        low = torch.tensor(self.level_counts(0), device=device)
-        high = torch.tensor(self._totals, device=device)
-        return torch.minimum(torch.maximum(plan.counts, low), high)
-
     def width_plan(self, width: float, batch: int, device) -> WidthPlan:
         """A plan running every sample at width level `level_index(width)`."""
         level = self.level_index(width)
@@ -272,56 +399,6 @@ class SlimmableResNet(GatedNetwork):
         """Logits at one width (any mode; in training mode BN uses batch statistics)."""
         self.check_input(x)
         return self.run(x, self.width_plan(width, x.shape[0], x.device))[0]
-
-    # --- execution and cost -------------------------------------------------------------
-
-    def priority(self, layer: int, batch: int, device) -> torch.Tensor:
-        """Fixed channel scores (B, C): earlier channels first. Slimmable has no gate."""
-        total = self._totals[layer]
-        return torch.linspace(1.0, 0.0, total, device=device).expand(batch, total)
-
-    def run(self, x: torch.Tensor, plan: BudgetPlan):
-        counts = self.width_counts(plan)
-        masks = [prefix_mask(counts[:, i], t).to(x.dtype) for i, t in enumerate(self._totals)]
-        scores = [self.priority(i, x.shape[0], x.device) for i in range(len(self._totals))]
-
-        def keep(h: torch.Tensor, layer: int) -> torch.Tensor:
-            return h * masks[layer][:, :, None, None]
-
-        h = keep(F.relu(self.stem_bn(self.stem(x), counts[:, 0])), 0)
-        for block in self.blocks:
-            inner = keep(F.relu(block.bn1(block.conv1(h), counts[:, block.inner])), block.inner)
-            out = block.bn2(block.conv2(inner), counts[:, block.out_stream])
-            short = h if block.short_conv is None else \
-                block.short_bn(block.short_conv(h), counts[:, block.out_stream])
-            h = keep(F.relu(out + short), block.out_stream)
-        return self.fc(h.mean((2, 3))), masks, scores
-
-    def macs(self, masks: list[torch.Tensor], height: int, width: int, batch: int = 1) -> Cost:
-        """MACs of convolutions and the classifier at each sample's per-layer widths."""
-        batch = masks[0].shape[0] if masks else batch
-        device = masks[0].device if masks else None
-        kept = kept_counts(masks, batch, device)
-        if not masks:  # no masks: full width
-            kept = torch.tensor([self._totals] * batch, device=device)
-        h, w = height, width
-        c0 = self.stem.out_channels
-        dense = h * w * 27 * c0
-        executed = h * w * 27 * kept[:, 0]
-        for block in self.blocks:
-            ho, wo = conv_out(h, block.stride), conv_out(w, block.stride)
-            full_in, full_out = block.conv1.in_channels, block.conv1.out_channels
-            cin, k, cout = kept[:, block.in_stream], kept[:, block.inner], kept[:, block.out_stream]
-            dense += ho * wo * 9 * (full_in * full_out + full_out * full_out)
-            executed = executed + ho * wo * 9 * (cin * k + k * cout)
-            if block.short_conv is not None:
-                dense += ho * wo * full_in * full_out
-                executed = executed + ho * wo * cin * cout
-            h, w = ho, wo
-        dense += self.fc.in_features * self.fc.out_features
-        executed = executed + kept[:, self.last_stream] * self.fc.out_features
-        return Cost(dense, executed.long(), torch.zeros_like(executed).long(), kept,
-                    self.gated_totals())
 
 
 @torch.no_grad()
