@@ -42,6 +42,9 @@ class CompactExecutor:
         with torch.no_grad():
             self.steps = [step for unit in model.units() for step in unit.steps()]
         gated = [step for step in self.steps if step.gate is not None]
+        if len(gated) != len(model.gated_totals()):
+            raise ValueError(f"{type(model).__name__}'s units give {len(gated)} gated steps for "
+                             f"{len(model.gated_totals())} gated layers")
         for index, step in enumerate(gated):
             step.gated_index = index
 

@@ -8,7 +8,8 @@ blocks, a head. A unit describes itself once:
 - `reference(state, trace)`: its masked reference forward; a gated unit scores its
   channels and takes its masks from `trace`, which numbers the gated layers in order;
 - `cost(tally)`: the MACs it executes for the masks that `tally` hands out in order;
-- `steps()`: its compact steps (`core.compact.Step`): skipped channels never computed.
+- `steps()`: its compact steps (`Step`s; one with a gate per gated layer): skipped channels
+  never computed.
 
 `GatedNetwork.run` and `macs` and the compact executor are these three walks, written once
 here and in `core/compact.py`. The states are dicts of batch-first tensors; a unit reads

@@ -48,8 +48,8 @@ from ..core.base import GatedNetwork
 from ..core.budget import BudgetPlan
 from ..core.macs import Cost, conv_out
 from ..core.registry import register_model
-from ..core.units import ConvStem, LinearHead, Step, Tally, Trace, Unit
-from .cifar_resnet import resnet_layout
+from ..core.units import Step, Tally, Trace, Unit
+from .cifar_resnet import build_resnet, resnet_units
 
 
 @dataclass(frozen=True)
@@ -306,15 +306,9 @@ class CGResNet(GatedNetwork):
         super().__init__()
         self.config = config
         self.input_size = config.input_size
-        c0 = config.widths[0]
-        self.stem = nn.Conv2d(3, c0, 3, padding=1, bias=False)
-        self.stem_bn = nn.BatchNorm2d(c0)
-        self.blocks = nn.ModuleList(CGBlock(cin, cout, stride, config.base_fraction, config.gate)
-                                    for cin, cout, stride in resnet_layout(config.blocks, config.widths))
-        self.fc = nn.Linear(config.widths[-1], config.num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        build_resnet(self, config.blocks, config.widths, config.num_classes,
+                     lambda cin, cout, stride: CGBlock(cin, cout, stride, config.base_fraction,
+                                                       config.gate))
 
     def convs(self) -> list[ChannelGatedConv2d]:
         """Every channel-gated convolution, in execution order."""
@@ -324,8 +318,7 @@ class CGResNet(GatedNetwork):
         return [conv.gate for conv in self.convs() if conv.gate is not None]
 
     def units(self) -> list[Unit]:
-        stem = ConvStem(self.stem, lambda x: F.relu(self.stem_bn(self.stem(x))))
-        return [stem, *self.blocks, LinearHead(self.fc)]
+        return resnet_units(self)
 
     def compact_state(self, x: torch.Tensor, plan: BudgetPlan) -> dict:
         """The input, tau and the policy (for the per-pixel masks), every sample's row, and a

@@ -1,7 +1,14 @@
-"""The CIFAR ResNet layout that the slimmable, channel-gating and DFS networks share: a 3x3
-stem, stages of basic blocks, a 1x1 projection shortcut where the shape changes."""
+"""The CIFAR ResNet that the slimmable, channel-gating and DFS networks share: a 3x3 stem,
+stages of basic blocks, a 1x1 projection shortcut where the shape changes, a linear head."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch.nn.functional as F
+from torch import nn
+
+from ..core.units import ConvStem, LinearHead, Unit
 
 
 def resnet_layout(blocks: tuple[int, ...], widths: tuple[int, ...]) -> list[tuple[int, int, int]]:
@@ -15,3 +22,25 @@ def resnet_layout(blocks: tuple[int, ...], widths: tuple[int, ...]) -> list[tupl
             layout.append((c, width, 2 if i > 0 and j == 0 else 1))
             c = width
     return layout
+
+
+def build_resnet(net: nn.Module, blocks: tuple[int, ...], widths: tuple[int, ...], num_classes: int,
+                 block: Callable[[int, int, int], nn.Module], bn: Callable = nn.BatchNorm2d) -> None:
+    """Give `net` a CIFAR ResNet's modules: `stem` (3x3 conv) and `stem_bn`, `blocks` (one
+    `block(in_channels, out_channels, stride)` per basic block), `fc`; convolutions
+    Kaiming-initialized (fan out)."""
+    net.stem = nn.Conv2d(3, widths[0], 3, padding=1, bias=False)
+    net.stem_bn = bn(widths[0])
+    net.blocks = nn.ModuleList(block(cin, cout, stride)
+                               for cin, cout, stride in resnet_layout(blocks, widths))
+    net.fc = nn.Linear(widths[-1], num_classes)
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+
+def resnet_units(net: nn.Module) -> list[Unit]:
+    """The units of a CIFAR ResNet whose blocks are units: the stem (conv -> BN -> ReLU), the
+    blocks, the linear head on the global average pool."""
+    stem = ConvStem(net.stem, lambda x: F.relu(net.stem_bn(net.stem(x))))
+    return [stem, *net.blocks, LinearHead(net.fc)]

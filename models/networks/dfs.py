@@ -45,8 +45,8 @@ from ..core.budget import (
 )
 from ..core.macs import Cost, conv_out
 from ..core.registry import register_model
-from ..core.units import ConvStem, LinearHead, Step, Tally, Trace, Unit
-from .cifar_resnet import resnet_layout
+from ..core.units import Step, Tally, Trace, Unit
+from .cifar_resnet import build_resnet, resnet_units
 
 FULL_BITS = 32
 BITOPS_LABEL = "BitOps (fake-quantized: no wall-clock saving on CPU/GPU)"
@@ -258,16 +258,9 @@ class DFSResNet(GatedNetwork):
         super().__init__()
         self.config = config
         self.input_size = config.input_size
-        c0 = config.widths[0]
         bits = config.bits if config.gate else None
-        self.stem = nn.Conv2d(3, c0, 3, padding=1, bias=False)
-        self.stem_bn = nn.BatchNorm2d(c0)
-        self.blocks = nn.ModuleList(DFSBlock(cin, cout, stride, bits)
-                                    for cin, cout, stride in resnet_layout(config.blocks, config.widths))
-        self.fc = nn.Linear(config.widths[-1], config.num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        build_resnet(self, config.blocks, config.widths, config.num_classes,
+                     lambda cin, cout, stride: DFSBlock(cin, cout, stride, bits))
 
     @property
     def levels(self) -> int:
@@ -277,8 +270,7 @@ class DFSResNet(GatedNetwork):
         return [block for block in self.blocks if block.gate is not None]
 
     def units(self) -> list[Unit]:
-        stem = ConvStem(self.stem, lambda x: F.relu(self.stem_bn(self.stem(x))))
-        return [stem, *self.blocks, LinearHead(self.fc)]
+        return resnet_units(self)
 
     # --- budget mapping (BitOps) ---------------------------------------------------------
 

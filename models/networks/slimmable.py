@@ -40,7 +40,7 @@ from ..core.folding import scale_rows
 from ..core.macs import conv_out
 from ..core.registry import register_model
 from ..core.units import LinearHead, Step, Tally, Trace, Unit
-from .cifar_resnet import resnet_layout
+from .cifar_resnet import build_resnet
 
 DEFAULT_LEVELS = tuple(i / 16 for i in range(4, 17))  # 0.25, 0.3125, ..., 1.0
 
@@ -333,14 +333,8 @@ class SlimmableResNet(GatedNetwork):
         def bn(c: int) -> SwitchableBatchNorm2d:
             return SwitchableBatchNorm2d(c, [channels_at(c, w) for w in levels])
 
-        self.stem = nn.Conv2d(3, config.widths[0], 3, padding=1, bias=False)
-        self.stem_bn = bn(config.widths[0])
-        self.blocks = nn.ModuleList(SlimBlock(cin, cout, stride, bn)
-                                    for cin, cout, stride in resnet_layout(config.blocks, config.widths))
-        self.fc = nn.Linear(config.widths[-1], config.num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        build_resnet(self, config.blocks, config.widths, config.num_classes,
+                     lambda cin, cout, stride: SlimBlock(cin, cout, stride, bn), bn)
 
     # --- budget mapping ---------------------------------------------------------------
 
