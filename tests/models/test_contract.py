@@ -1,5 +1,6 @@
 """The contract every registered model keeps, checked on a small instance of each
-(`register_model(..., smoke=...)`): a new network is covered by registering it.
+(`register_model(..., smoke=...)`): a new network is covered by registering it, as the
+README's example network is here.
 
 Forward at several sizes and batch sizes; the compact executor equal to the masked
 reference, batched or per sample; dense MACs equal to fvcore's count; executed MACs
