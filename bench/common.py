@@ -17,7 +17,6 @@ import httpx
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-CLASSES = [f"class{i}" for i in range(10)]
 
 
 def free_port() -> int:
@@ -140,16 +139,6 @@ def stop_group(proc: subprocess.Popen, timeout: float = 30) -> bool:
             break
     proc.poll()
     return not live_group(proc.pid)
-
-
-def make_weights(root: Path, model: str, factory: str = "acs_densenet40", **config) -> Path:
-    """A freshly initialized checkpoint root/model (timings only, no accuracy)."""
-    from models.core.checkpoint import save_checkpoint
-    from models.core.registry import create_model
-
-    save_checkpoint(create_model(factory, **config).eval(), root / model, name=model, classes=CLASSES,
-                    provenance={"note": "random weights, for timing only"})
-    return root / model
 
 
 def start_acs_serve(weights: Path, port: int, threads: int = 1, max_batch_size: int = 8,

@@ -11,7 +11,8 @@ bounded in time and count.
 
     OMP_NUM_THREADS=1 python bench/scale_out.py --replicas 1 2 --json scale_out.json
 
-Without --weights it serves a freshly initialized ACS DenseNet-40 (cheap gates): timings only.
+Every replica serves the shipped checkpoints (`weights/`, or --weights); the clients post to
+--model (the shipped default, acs_fastnet).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from string import Template
 
 import httpx
 import yaml
-from common import ROOT, free_port, make_weights, percentile, png_bytes, start_acs_serve, stop, wait_http
+from common import ROOT, free_port, percentile, png_bytes, start_acs_serve, stop, wait_http
 
 TEMPLATE = ROOT / "deploy" / "scaleout" / "nginx.conf.template"
 PROMETHEUS_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
@@ -140,9 +141,7 @@ def run(args) -> dict:
     rows = []
     with tempfile.TemporaryDirectory(prefix="acs-scaleout-") as tmp:
         tmp = Path(tmp)
-        weights = Path(args.weights) if args.weights else tmp / "weights"
-        if not args.weights:
-            make_weights(weights, args.model, gate="cheap")
+        weights = Path(args.weights)
         ports = [free_port() for _ in range(most)]
         log = open(tmp / "replicas.log", "wb")  # noqa: SIM115
         replicas = [start_acs_serve(weights, p, args.threads, args.max_batch_size, log=log) for p in ports]
@@ -195,7 +194,7 @@ def run(args) -> dict:
         r["speedup"] = r["throughput"] / base if base else None
     return {"meta": {"cpus": os.cpu_count(), "loadavg_before": args.loadavg_before,
                      "python": platform.python_version(), "model": args.model,
-                     "weights": args.weights or "random", "budgets": args.budgets,
+                     "weights": args.weights, "budgets": args.budgets,
                      "policy": args.policy, "concurrency": args.concurrency,
                      "duration_s": args.duration, "threads_per_replica": args.threads,
                      "max_batch_size": args.max_batch_size, "nginx_workers": args.nginx_workers,
@@ -207,8 +206,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--replicas", nargs="+", type=int, default=[1, 2],
                         help="replica counts to measure (this machine: as many as its cores)")
-    parser.add_argument("--weights", help="weights folder (default: a fresh random checkpoint)")
-    parser.add_argument("--model", default="acs_densenet40_cheap")
+    parser.add_argument("--weights", default=str(ROOT / "weights"),
+                        help="folder of checkpoint folders every replica serves")
+    parser.add_argument("--model", default="acs_fastnet", help="the model the clients post to")
     parser.add_argument("--budgets", nargs="+", type=float, default=[1.0, 0.75, 0.5, 0.25])
     parser.add_argument("--policy", default="topk")
     parser.add_argument("--concurrency", type=int, default=16, help="clients, for every N")
