@@ -7,7 +7,9 @@ DFS). For each budget b of a grid (the floor, then every `step` up to 1.0):
 
 - tau(b): the smallest threshold whose mean executed-MAC ratio over the calibration images
   is <= b, by a sweep of thresholds, then regula falsi; all budgets' candidate thresholds
-  run in one batched pass, each image repeated once per budget with its own threshold.
+  run in one batched pass, each image repeated once per budget with its own threshold. The
+  sweep ends above 1 (TAU_CLOSED: every gate closed, the floor), so a budget that even
+  tau = 1.0 overspends (gates saturated at a score of 1.0) gets a threshold above 1.
 - counts_l(b), for topk and cap: where the threshold policy spends at tau(b) (each layer's
   mean kept fraction), scaled as high as a cost <= b allows, never below the counts of the
   next lower budget; what is left of b is then filled greedily.
@@ -25,7 +27,7 @@ import copy
 import torch
 
 from models.core.base import GatedNetwork
-from models.core.budget import CalibrationTable, budget_grid
+from models.core.budget import TAU_CLOSED, CalibrationTable, budget_grid
 from models.networks.slimmable import SlimmableResNet, recalibrate_bn
 
 from .data import normalize
@@ -45,7 +47,7 @@ def threshold_pass(model: GatedNetwork, images: torch.Tensor, taus: torch.Tensor
         x = normalize(images[start : start + per].to(device), mean, std)
         b = x.shape[0]
         tau = taus.float().to(device).repeat_interleave(b)
-        plan = model.plan(1 - tau, "threshold", k * b, device)
+        plan = model.plan((1 - tau).clamp(0, 1), "threshold", k * b, device)
         plan.tau = tau  # each image copy's own threshold
         _, masks, _ = model.run(x.repeat(k, 1, 1, 1), plan)
         cost = model.macs([m > 0 for m in masks], *x.shape[-2:])
@@ -62,16 +64,16 @@ def calibrate(model: GatedNetwork, images: torch.Tensor, mean, std, device="cpu"
     """A monotone closed-loop table for the model from uint8 calibration images (the exact
     data-free table for a network whose cost does not depend on the input).
 
-    tau(b) for every budget at once: a sweep of SWEEP_POINTS + 1 thresholds over [0, 1]
-    brackets each budget's threshold, then `iterations` rounds of regula falsi (the secant
-    point within the bracket, Illinois variant) narrow the brackets; each budget gets its
-    bracket's upper end, the lowest threshold measured to fit."""
+    tau(b) for every budget at once: a sweep of SWEEP_POINTS + 1 thresholds over [0, 1] and
+    TAU_CLOSED brackets each budget's threshold, then `iterations` rounds of regula falsi
+    (the secant point within the bracket, Illinois variant) narrow the brackets; each budget
+    gets its bracket's upper end, the lowest threshold measured to fit."""
     if not model.gated or not model.adaptive:
         return model.uniform_table()
     floor = model.floor()
     budgets = budget_grid(floor, step)
     target = torch.tensor(budgets, dtype=torch.float64) + 1e-9
-    sweep = torch.linspace(0, 1, SWEEP_POINTS + 1)
+    sweep = torch.cat([torch.linspace(0, 1, SWEEP_POINTS + 1), torch.tensor([TAU_CLOSED])])
     swept = threshold_pass(model, images, sweep, mean, std, device)[0].mean(1)
     fits = swept[None, :] <= target[:, None]
     first = torch.where(fits.any(1), fits.int().argmax(1), len(sweep) - 1)

@@ -9,7 +9,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .budget import GRID_STEP, BudgetPlan, CalibrationTable, budget_grid, largest_within, uniform_counts
+from .budget import (
+    GRID_STEP,
+    BudgetPlan,
+    CalibrationTable,
+    budget_grid,
+    largest_within,
+    uniform_counts,
+    uniform_tau,
+)
 from .macs import Cost
 from .units import Tally, Trace, Unit
 
@@ -173,7 +181,8 @@ class GatedNetwork(nn.Module):
         return float(self.count_cost([0] * len(self.gated_totals())).ratio[0])
 
     def uniform_table(self, step: float = GRID_STEP) -> CalibrationTable:
-        """A data-free table: every layer keeps the same fraction r(b); tau(b) = 1 - r(b)."""
+        """A data-free table: every layer keeps the same fraction r(b); tau(b) = 1 - r(b)
+        (TAU_CLOSED where r(b) is 0)."""
         totals, groups = self.gated_totals(), self.gated_groups()
         if not totals:
             return CalibrationTable([1.0], [0.0], [[]], 1.0, "dense")
@@ -190,7 +199,7 @@ class GatedNetwork(nn.Module):
         budgets = budget_grid(floor, step)
         best = [ratios[largest_within(cost, len(ratios), b)] for b in budgets]
         counts = [uniform_counts(totals, groups, r) for r in best]
-        return CalibrationTable(budgets, [1.0 - r for r in best], counts, floor, "uniform")
+        return CalibrationTable(budgets, [uniform_tau(r) for r in best], counts, floor, "uniform")
 
     def regularizer(self) -> torch.Tensor:
         """Sum of the `penalty()` of every submodule that has one (DGConv's learned grouping);

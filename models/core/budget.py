@@ -23,6 +23,14 @@ import torch
 
 GRID_STEP = 0.05  # budget spacing of data-free tables
 POLICIES = ("threshold", "topk", "cap")
+TAU_CLOSED = 1.5  # a threshold above every gate score (scores are in [0, 1]): every gate
+# closed. The floor's threshold: at 1.0, gates that saturate at a score of exactly 1.0 open.
+
+
+def uniform_tau(ratio: float) -> float:
+    """A data-free table's threshold for keeping `ratio` of the channels: 1 - ratio, and
+    TAU_CLOSED for none."""
+    return 1.0 - ratio if ratio > 0 else TAU_CLOSED
 
 
 @dataclass

@@ -42,6 +42,7 @@ from ..core.budget import (
     budget_grid,
     largest_within,
     prefix_mask,
+    uniform_tau,
 )
 from ..core.macs import Cost, conv_out
 from ..core.registry import register_model
@@ -292,7 +293,8 @@ class DFSResNet(GatedNetwork):
     def uniform_table(self, step: float = GRID_STEP) -> CalibrationTable:
         """A data-free table in BitOps: blocks are raised one level at a time, first block
         first, all to the lowest bit-width before any goes higher; each budget gets the
-        largest such configuration whose BitOps ratio is <= it. tau = 1 - levels kept/all."""
+        largest such configuration whose BitOps ratio is <= it. tau = 1 - levels kept/all
+        (TAU_CLOSED for none)."""
         n, k = len(self.gated_blocks()), self.levels
         if n == 0:
             return CalibrationTable([1.0], [0.0], [[]], 1.0, "dense")
@@ -305,7 +307,7 @@ class DFSResNet(GatedNetwork):
         floor = cost(0)
         budgets = budget_grid(floor, step)
         best = [largest_within(cost, len(ladder), b) for b in budgets]
-        taus = [round(1.0 - i / (n * k), 6) for i in best]
+        taus = [round(uniform_tau(i / (n * k)), 6) for i in best]
         return CalibrationTable(budgets, taus, [ladder[i] for i in best], floor, "uniform",
                                 {"budget_unit": BITOPS_LABEL, "bits": list(self.config.bits)})
 

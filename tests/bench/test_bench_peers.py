@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from models.core.checkpoint import load_checkpoint
-from models.core.registry import compact
+from models.core.checkpoint import load_checkpoint, save_checkpoint
+from models.core.registry import compact, create_model
 from service.imaging import preprocess
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 sys.path[:0] = [str(BENCH), str(BENCH / "peer_servers")]  # as the scripts import each other
 import peers  # noqa: E402
-from common import make_weights, png_bytes, stop_group  # noqa: E402
+from common import png_bytes, stop_group  # noqa: E402
 from torchserve_handler import ClassifierHandler  # noqa: E402
 
 
@@ -53,7 +53,11 @@ def test_stop_group_leaves_no_process_behind():
 
 @pytest.fixture(scope="module")
 def dense(tmp_path_factory):
-    return make_weights(tmp_path_factory.mktemp("weights"), "densenet40", factory="densenet40")
+    """A freshly initialized densenet40 checkpoint (the same top class, not accuracy)."""
+    path = tmp_path_factory.mktemp("weights") / "densenet40"
+    save_checkpoint(create_model("densenet40").eval(), path, name="densenet40",
+                    classes=[f"class{i}" for i in range(10)])
+    return path
 
 
 def our_top_class(weights, images: list[bytes]) -> list[int]:

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from models.core.budget import BudgetPlan, CalibrationTable
+from models.core.budget import TAU_CLOSED, BudgetPlan, CalibrationTable
 from models.networks.densenet import acs_densenet40
 
 
@@ -31,3 +31,15 @@ def test_unknown_policy_is_a_clear_error():
 def test_non_monotone_tables_are_rejected(kwargs, match):
     with pytest.raises(ValueError, match=match):
         CalibrationTable(floor=0.2, **kwargs)
+
+
+@pytest.mark.parametrize("policy", ["threshold", "cap", "topk"])
+def test_the_floor_closes_every_gate_even_saturated_ones(policy):
+    """Gates whose score is exactly 1.0 pass tau = 1.0: the floor's threshold is above it."""
+    model = acs_densenet40(gate="cheap", growth=8, init_features=16, blocks=(2, 2)).eval()
+    with torch.no_grad():
+        for layer in model.layers():
+            layer.gate.fc.bias.fill_(50.0)  # sigmoid: exactly 1.0 in float32
+    assert model.table.taus[0] == TAU_CLOSED
+    _, info = model(torch.randn(2, 3, 32, 32), budget=0.0, policy=policy, return_info=True)
+    assert info.cost.ratio.tolist() == pytest.approx([model.floor()] * 2)

@@ -316,6 +316,23 @@ def test_calibration_is_monotone_and_tracks_the_budget():
         assert (topk <= budget + 1e-9).all()
 
 
+def test_calibration_keeps_low_budgets_within_them_when_gates_saturate():
+    """A gate whose score is exactly 1.0 passes tau = 1.0, so budgets that even tau = 1.0
+    overspends get a threshold above 1 (every gate closed: the floor)."""
+    torch.manual_seed(1)
+    model = randomize_bn(tiny_model()).eval()
+    with torch.no_grad():
+        model.layers()[0].gate.fc.bias.fill_(50.0)  # its scores: exactly 1.0
+    images = torch.randint(0, 256, (16, 3, 16, 16), dtype=torch.uint8)
+    labels = torch.zeros(16, dtype=torch.long)
+    table = calibrate(model, images, MEAN, STD, step=0.1, iterations=3)
+    assert table.taus[0] > 1.0
+    model.table = table
+    for budget in table.budgets:
+        ratio = measure(model, images, labels, budget, "threshold", MEAN, STD)[1].mean().item()
+        assert ratio <= budget + 1e-6
+
+
 def test_evaluation_writes_json_markdown_and_plot(trained, tmp_path):
     model, splits = trained
     data = splits.data
