@@ -78,13 +78,12 @@ class GatedNetwork(nn.Module):
         """Cost of running the given per-layer keep-masks (B, C_l) on a height x width input
         (the units' cost walk). No masks: every channel kept, `batch` samples; `extra`: a
         method's per-call data (see `run_extra`)."""
-        totals = self.gated_totals()
         if not masks:
-            masks = [torch.ones(batch, t, dtype=torch.bool) for t in totals]
+            masks = [torch.ones(batch, t, dtype=torch.bool) for t in self.gated_totals()]
         tally = self.tally_class(masks, height, width, batch, extra)
         for unit in self.units():
             unit.cost(tally)
-        return tally.cost(totals)
+        return tally.cost([m.shape[1] for m in masks])
 
     def budget_ratio(self, cost: Cost) -> torch.Tensor:
         """The per-sample figure a budget bounds, in `budget_unit`: the executed-MAC ratio."""

@@ -136,7 +136,6 @@ class DenseLayer(nn.Module, Unit):
     def __init__(self, in_channels: int, growth: int, bn_size: int, gate: str | None) -> None:
         super().__init__()
         width = bn_size * growth
-        self.in_channels = in_channels
         self.norm1 = nn.BatchNorm2d(in_channels)
         self.conv1 = nn.Conv2d(in_channels, width, 1, bias=False)
         self.norm2 = nn.BatchNorm2d(width)
@@ -162,7 +161,7 @@ class DenseLayer(nn.Module, Unit):
         h, w = tally.size
         present = tally.flow["channels"]  # per sample, or one int for all
         width, growth = self.conv1.out_channels, self.conv2.out_channels
-        dense = h * w * width * (self.in_channels + 9 * growth)
+        dense = h * w * width * (self.conv1.in_channels + 9 * growth)
         if self.gate is None:
             k = growth
             tally.add(dense, h * w * width * (present + 9 * k))
@@ -187,7 +186,7 @@ class DenseLayer(nn.Module, Unit):
         weight2 = self.conv2.weight.detach()
         growth = weight2.shape[0]
         all_rows = torch.arange(growth)
-        base = self.in_channels
+        base = self.conv1.in_channels
 
         def apply(state: dict, keep) -> dict:
             buf, means, present = state["buf"], state["means"], state["present"]
@@ -338,7 +337,7 @@ class ACSDenseNet(GatedNetwork):
     def units(self) -> list[Unit]:
         units: list[Unit] = [ConvStem(self.stem, self.stem)]
         for i, block in enumerate(self.blocks):
-            units += [BlockStart(block[-1].in_channels + self.config.growth), *block]
+            units += [BlockStart(block[-1].conv1.in_channels + self.config.growth), *block]
             if i < len(self.transitions):
                 units.append(self.transitions[i])
         return units + [DenseHead(self.norm, self.classifier)]

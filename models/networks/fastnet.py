@@ -220,9 +220,9 @@ class FastNet(GatedNetwork):
         self.whiten.weight.copy_(torch.cat([filters, -filters]))
 
     def units(self) -> list[Unit]:
-        whiten = self.whiten.weight.detach(), self.whiten.bias.detach()
-        stem = ConvStem(self.whiten, lambda x: F.gelu(self.whiten(x)),
-                        compact=lambda x: F.gelu(conv2d(x, *whiten, padding=0)))
+        whiten = self.whiten
+        stem = ConvStem(whiten, lambda x: F.gelu(whiten(x)),
+                        compact=lambda x: F.gelu(conv2d(x, whiten.weight, whiten.bias, padding=0)))
         gates = self.gates or [None] * len(self.convs)
         layers = [FastLayer(conv, norm, gate, i % 2 == 0, self.config.block)
                   for i, (conv, norm, gate) in enumerate(zip(self.convs, self.norms, gates, strict=True))]
