@@ -1,8 +1,9 @@
 """Dynamic batching per model: a bounded queue, deadlines, compute off the event loop.
 
-Requests with different budgets share a batch: budgets are per image, and the compact
-executor itself runs together the images that keep equal channel counts. Requests with
-different policies run as separate sub-batches.
+Requests with different budgets share a batch: budgets are per image, and the executor
+itself runs together the images that run the same variant (a width level) or keep equal
+channel counts, so each image is charged what it ran. Requests with different policies run as
+separate sub-batches.
 """
 
 from __future__ import annotations
@@ -52,8 +53,9 @@ class JobResult:
 
 
 class Executor(Protocol):
-    """What runs a model's batches (models.core.compact.CompactExecutor): logits and, with
-    return_info, the plan, masks and cost of every image."""
+    """What runs a model's batches (models.core.engine.VariantExecutor or
+    models.core.compact.CompactExecutor): logits and, with return_info, the plan, masks and
+    cost of every image."""
 
     def __call__(self, x: torch.Tensor, budget: torch.Tensor | float | None = None,
                  policy: str = "threshold", return_info: bool = False
@@ -64,10 +66,11 @@ class Batcher:
     """Collects jobs for one model into batches and runs them on one inference thread."""
 
     def __init__(self, name: str, model: GatedNetwork, executor: Executor, device: torch.device,
-                 settings, metrics: Metrics) -> None:
-        """`model`: the network (its budget table and unit); `executor`: what runs it."""
+                 settings, metrics: Metrics, dtype: torch.dtype = torch.float32) -> None:
+        """`model`: the network (its budget table and unit); `executor`: what runs it, on
+        inputs of `dtype`."""
         self.name, self.model, self.executor, self.device = name, model, executor, device
-        self.dtype = next(model.parameters()).dtype  # the served precision: inputs are cast to it
+        self.dtype = dtype
         self.settings, self.metrics = settings, metrics
         self.queue: deque[Job] = deque()
         self.queued_images = 0
@@ -182,13 +185,18 @@ class Batcher:
         return results
 
     def warm_up(self, size: int) -> None:
-        """Run every batch-size bucket (powers of two up to the max) once per policy path."""
+        """Run every batch-size bucket (powers of two up to the max) once per policy path, and
+        a model whose cost does not depend on the input at each row of its table (every width
+        level of a level network, so each compiled variant has run before readiness)."""
         sizes = sorted({1 << i for i in range(self.settings.max_batch_size.bit_length())}
                        | {self.settings.max_batch_size})
+        table = self.model.table
+        floors = [table.floor] if self.model.adaptive else table.budgets
         for n in sizes:
             x = torch.zeros(n, 3, size, size, device=self.device, dtype=self.dtype)
             start = time.monotonic()
             self.executor(x, budget=1.0, policy="threshold")
-            self.executor(x, budget=self.model.table.floor, policy="topk")
-            self.seconds_per_image = max(self.seconds_per_image, (time.monotonic() - start) / 2 / n)
-
+            for budget in floors:
+                self.executor(x, budget=budget, policy="topk")
+            elapsed = (time.monotonic() - start) / (1 + len(floors)) / n
+            self.seconds_per_image = max(self.seconds_per_image, elapsed)

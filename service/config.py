@@ -14,6 +14,7 @@ class Settings:
     port: int = 8000
     device: str = "auto"  # auto: cuda when available, else cpu
     dtype: str = "auto"  # auto: bfloat16 where fast and the manifest says it holds, else float32
+    runtime: str = "auto"  # auto: OpenVINO on the CPU where installed, else torch
     default_model: str = ""  # empty: the manifest marked default, else the first by name
     threads: int = 1  # torch intra-op threads on the CPU
     max_batch_size: int = 8
@@ -39,6 +40,8 @@ class Settings:
             raise ValueError("reject_status must be 429 or 503")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError("dtype must be auto, float32 or bfloat16")
+        if self.runtime not in ("auto", "openvino", "torch"):
+            raise ValueError("runtime must be auto, openvino or torch")
         if self.max_batch_size < 1 or self.max_queue_size < 1:
             raise ValueError("max_batch_size and max_queue_size must be >= 1")
 
@@ -50,6 +53,8 @@ HELP = {
     "device": "cpu, cuda, cuda:N or auto",
     "dtype": "float32, bfloat16, or auto: bfloat16 where the device has it fast and the model's "
              "manifest records its top-1 holds (acs-train precision)",
+    "runtime": "what runs models that come as dense variants (the default model, dense "
+               "baselines): openvino (CPU), torch, or auto (OpenVINO on the CPU where installed)",
     "default_model": "model served by /v1/predict",
     "threads": "torch intra-op threads on the CPU",
     "max_batch_size": "largest dynamic batch, in images",

@@ -11,8 +11,8 @@ import torch
 
 from models.core.budget import POLICIES
 from models.core.checkpoint import MANIFEST, CheckpointError, load_checkpoint
+from models.core.engine import VariantExecutor, engine_name, executor_for
 from models.core.precision import serving_dtype
-from models.core.registry import compact
 
 from .batching import Batcher
 
@@ -26,6 +26,8 @@ class ServedModel:
     model: torch.nn.Module
     batcher: Batcher
     load_seconds: float
+    precision: torch.dtype = torch.float32  # what the model computes in
+    engine: str = "torch-compact"  # what runs it: openvino, torch (variants) or torch-compact
     warmup_seconds: float = 0.0
     ready: bool = False
 
@@ -54,8 +56,10 @@ class ServedModel:
             "default": {"budget": self.default_budget, "policy": self.default_policy},
             "policies": list(POLICIES),
             "calibration": m["calibration"], "accuracy": m.get("accuracy", []),
-            "provenance": m.get("provenance", {}), "weights_sha256": m["weights"]["sha256"],
-            "device": str(self.batcher.device), "dtype": str(self.batcher.dtype).removeprefix("torch."),
+            "dense_baseline": m.get("dense_baseline"), "provenance": m.get("provenance", {}),
+            "weights_sha256": m["weights"]["sha256"],
+            "device": str(self.batcher.device), "dtype": str(self.precision).removeprefix("torch."),
+            "engine": self.engine,
         }
 
 
@@ -115,10 +119,13 @@ class ModelRegistry:
             log.error("not serving %s: model name %r is already served", path, name)
             self.fail(path.name, f"model name {name!r} is already served from another folder")
             return None
-        model = checkpoint.model.to(serving_dtype(self.settings.dtype, self.device, checkpoint.manifest))
-        batcher = Batcher(name, model, compact(model), self.device, self.settings, self.metrics)
-        served = ServedModel(name, checkpoint.manifest, model, batcher,
-                             time.monotonic() - start)
+        dtype = serving_dtype(self.settings.dtype, self.device, checkpoint.manifest)
+        model = checkpoint.model.to(self.device)
+        executor = executor_for(model, self.device, dtype, self.settings.runtime, self.settings.threads)
+        batcher = Batcher(name, model, executor, self.device, self.settings, self.metrics,
+                          torch.float32 if isinstance(executor, VariantExecutor) else dtype)
+        served = ServedModel(name, checkpoint.manifest, model, batcher, time.monotonic() - start,
+                             dtype, engine_name(executor))
         self.metrics.load_seconds.labels(name).set(served.load_seconds)
         self.metrics.model_ready.labels(name).set(0)
         self.metrics.queue_depth.labels(name).set(0)  # exists before the first request

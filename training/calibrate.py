@@ -18,6 +18,11 @@ So the table is monotone: tau never increases and no count decreases with the bu
 
 A slimmable network's cost does not depend on the input: its table is exact without data,
 and calibration re-estimates each width's BN statistics instead (`recalibrate_widths`).
+
+A network of width levels (`LevelNetwork`) keeps its exact table for topk, and calibration
+fits its threshold cascade (`fit_cascade`): for every budget of a fine grid, the probe level,
+the target level and the uncertainty threshold that give the best top-1 on the calibration
+images at a mean cost of the budget.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ import torch
 
 from models.core.base import GatedNetwork
 from models.core.budget import TAU_CLOSED, CalibrationTable, budget_grid
+from models.core.engine import VariantExecutor
+from models.core.levels import LevelNetwork, uncertainty
 from models.networks.slimmable import SlimmableResNet, recalibrate_bn
 
 from .data import normalize
@@ -107,6 +114,73 @@ def calibrate(model: GatedNetwork, images: torch.Tensor, mean, std, device="cpu"
              "threshold_ratio_p95": [round(v, 4) for v in ratio.quantile(0.95, dim=1).tolist()]}
     return CalibrationTable(budgets, [round(t, 6) for t in taus.tolist()], counts, floor,
                             "closed-loop", extra)
+
+
+CASCADE_STEP = 0.01  # budget spacing of the cascade rows: a request runs the row at or below it
+TRACK = 0.01  # a cascade row's mean cost on the calibration images is within this of its budget
+NEVER_TAU = 2.0  # above every uncertainty (1 - p <= 1): no image escalates
+
+
+@torch.no_grad()
+def level_logits(model: LevelNetwork, images: torch.Tensor, mean, std, device="cpu",
+                 batch_size: int = 500) -> torch.Tensor:
+    """(levels, N, classes) logits of every width level on uint8 images (torch variants)."""
+    executor = VariantExecutor(model, "torch", device=device)
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = normalize(images[start : start + batch_size].to(device), mean, std)
+        out.append(torch.stack([executor.runtime(level, x).cpu() for level in range(model.num_levels)], 1))
+    return torch.cat(out).transpose(0, 1)
+
+
+def fit_cascade(ratios: list[float], logits: torch.Tensor, labels: torch.Tensor,
+                budgets: list[float]) -> list[list[float]]:
+    """Cascade rows [budget, probe, target, tau]: for each budget, the (probe, target) pair and
+    the uncertainty threshold that escalate as many of the most uncertain images as a mean cost
+    of the budget allows, with the best top-1 (`ratios`: each level's cost; `logits`: (levels,
+    N, classes)). A budget no cascade reaches gets the widest level within it."""
+    n = labels.shape[0]
+    correct = (logits.argmax(2) == labels[None]).double()
+    rows = []
+    for b in budgets:
+        if b >= 1.0 - 1e-9:  # the full budget runs the full network, as the dense one does
+            rows.append([b, len(ratios) - 1, len(ratios) - 1, NEVER_TAU])
+            continue
+        within = [lv for lv, r in enumerate(ratios) if r <= b + 1e-9] or [0]
+        # candidates ranked by (mean cost within TRACK of the budget, top-1)
+        best = ((ratios[within[-1]] >= b - TRACK, correct[within[-1]].mean().item()),
+                [b, within[-1], within[-1], NEVER_TAU])
+        for p in within:
+            u = uncertainty(logits[p])
+            order = u.argsort(descending=True)
+            stop_cum = torch.cat([torch.zeros(1, dtype=torch.float64), correct[p][order].cumsum(0)])
+            for t in range(p + 1, len(ratios)):
+                k = min(n, int((b - ratios[p]) * n / ratios[t] + 1e-9))
+                if k <= 0:
+                    continue
+                acc = ((correct[t][order][:k].sum() + correct[p].sum() - stop_cum[k]) / n).item()
+                key = (ratios[p] + k / n * ratios[t] >= b - TRACK, acc)
+                if key > best[0]:
+                    best = (key, [b, p, t, float(u[order[k - 1]])])
+        rows.append(best[1])
+    return rows
+
+
+def cascade_table(model: LevelNetwork, images: torch.Tensor, labels: torch.Tensor, mean, std,
+                  device="cpu") -> CalibrationTable:
+    """The model's exact table with its threshold cascade fitted on calibration images."""
+    table = model.uniform_table()
+    ratios = model.level_costs(model.input_size, model.input_size)[1]
+    logits = level_logits(model, images, mean, std, device)
+    budgets = budget_grid(table.floor, CASCADE_STEP)
+    rows = fit_cascade(ratios, logits, labels.cpu(), budgets)
+    top1 = [round(v, 4) for v in (logits.argmax(2) == labels.cpu()[None]).double().mean(1).tolist()]
+    extra = {**table.extra, "cascade": [[round(b, 6), p, t, round(tau, 6)] for b, p, t, tau in rows],
+             "cascade_method": "confidence cascade: probe level, then the target level for images "
+                               "whose uncertainty (1 - top-1 probability) >= tau; fitted for the "
+                               "best top-1 at a mean cost of each budget", "images": len(images),
+             "level_top1": top1}
+    return CalibrationTable(table.budgets, table.taus, table.counts, table.floor, "cascade", extra)
 
 
 def fitted_counts(model: GatedNetwork, kept: torch.Tensor, budget: float, lower: list[int],

@@ -22,10 +22,11 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 
 from models.core.budget import POLICIES
+from models.core.levels import LevelNetwork
 from models.core.registry import architecture_names, model_names
 from models.networks.slimmable import SlimmableResNet
 
-from .calibrate import bn_check, calibrate, recalibrate_widths
+from .calibrate import bn_check, calibrate, cascade_table, recalibrate_widths
 from .config import TrainConfig, load_splits, resume_config, run_config
 from .data import default_cache, load_dataset
 from .evaluate import evaluate, write_report
@@ -125,6 +126,7 @@ def export_arguments(p: argparse.ArgumentParser) -> None:
                    help="policy for requests that give none (default threshold)")
     p.add_argument("--serve-default", action="store_true",
                    help="make it the server's default model (/v1/predict) over the others")
+    p.add_argument("--dense-baseline", help="the dense model it is measured against (a model name)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -196,7 +198,10 @@ def run_calibrate(args: argparse.Namespace) -> None:
         save_bn_stats(Path(args.run), model)
         print(f"re-estimated the BN statistics of {len(model.config.width_levels)} widths "
               f"on {len(images)} images ({batches} batches)")
-    model.table = calibrate(model, images, data.mean, data.std, device, args.step, args.iterations)
+    if isinstance(model, LevelNetwork):
+        model.table = cascade_table(model, images, labels, data.mean, data.std, device)
+    else:
+        model.table = calibrate(model, images, data.mean, data.std, device, args.step, args.iterations)
     if args.bn_check:
         model.table.extra["bn_per_budget"] = bn_check(model, images, labels, data.mean, data.std, device)
     write_json(Path(args.run) / CALIBRATION, model.table.to_dict())
@@ -228,7 +233,7 @@ def run_evaluate(args: argparse.Namespace) -> None:
 def run_export(args: argparse.Namespace) -> None:
     name = args.name or Path(args.run).name
     out = export(args.run, args.out or Path("weights") / name, name, args.default_budget,
-                 args.default_policy, args.serve_default)
+                 args.default_policy, args.serve_default, args.dense_baseline)
     print(f"exported {out}")
 
 

@@ -15,6 +15,7 @@ from matplotlib.figure import Figure
 
 from models.core.base import GatedNetwork
 from models.core.budget import POLICIES
+from models.core.engine import VariantExecutor
 
 from .data import normalize
 
@@ -35,14 +36,16 @@ def default_budgets(model: GatedNetwork, step: float = 0.1) -> list[float]:
 @torch.no_grad()
 def measure(model: GatedNetwork, images: torch.Tensor, labels: torch.Tensor, budget: float,
             policy: str, mean, std, device: torch.device | str = "cpu",
-            batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            batch_size: int = 500, runner=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(correct, budget ratio, executed-MAC ratio) per image, in eval mode, for uint8 images
-    on any device. The budget ratio is in the network's budget unit (MACs; BitOps for DFS)."""
+    on any device, run by `runner` (default: the model's masked reference). The budget ratio
+    is in the network's budget unit (MACs; BitOps for DFS)."""
     model.eval()
+    runner = runner or model
     correct, ratio, macs = [], [], []
     for start in range(0, len(labels), batch_size):
         x = normalize(images[start : start + batch_size].to(device), mean, std)
-        logits, info = model(x, budget=budget, policy=policy, return_info=True)
+        logits, info = runner(x, budget=budget, policy=policy, return_info=True)
         correct.append(logits.argmax(1).cpu() == labels[start : start + batch_size].cpu())
         ratio.append(model.budget_ratio(info.cost).cpu())
         macs.append(info.cost.ratio.cpu())
@@ -55,10 +58,13 @@ def evaluate(model: GatedNetwork, images: torch.Tensor, labels: torch.Tensor, me
     """Accuracy and realized MACs for every (policy, budget); a dense network: budget 1.0."""
     budgets = budgets or default_budgets(model)
     dense = model.count_cost([0] * len(model.gated_totals())).dense
+    # a network of dense variants runs them sliced (torch, float32): what it computes, faster
+    runner = VariantExecutor(model, "torch", device=device) if model.variants() is not None else model
     rows = []
     for policy in policies if model.gated else ("threshold",):
         for budget in budgets:
-            correct, ratio, macs = measure(model, images, labels, budget, policy, mean, std, device)
+            correct, ratio, macs = measure(model, images, labels, budget, policy, mean, std, device,
+                                           runner=runner)
             rows.append({
                 "policy": policy, "budget": budget,
                 "top1": round(correct.float().mean().item(), 4),

@@ -36,12 +36,14 @@ def without_paths(train: dict) -> dict:
 
 
 def export(run: str | Path, out: str | Path, name: str | None = None, default_budget: float = 1.0,
-           default_policy: str = "threshold", serve_default: bool = False) -> Path:
+           default_policy: str = "threshold", serve_default: bool = False,
+           dense_baseline: str | None = None) -> Path:
     """Write the run's calibrated model and model card to `out`; verifies that it loads.
 
     `default_budget` and `default_policy` are the model's operating point for requests that
     name none (pick one from the evaluation's accuracy-vs-budget rows, e.g. the lowest budget
-    within a point of budget 1.0); `serve_default` marks it the server's default model."""
+    within a point of budget 1.0); `serve_default` marks it the server's default model;
+    `dense_baseline` names the dense model it is measured against (shipped beside it)."""
     run, out = Path(run), Path(out)
     name = name or out.name
     if not (run / CALIBRATION).is_file():
@@ -63,7 +65,7 @@ def export(run: str | Path, out: str | Path, name: str | None = None, default_bu
     save_checkpoint(model, out, name=name, classes=data["classes"], mean=data["mean"], std=data["std"],
                     accuracy=result["rows"] if result else [], provenance=provenance,
                     default_budget=default_budget, default_policy=default_policy,
-                    serve_default=serve_default)
+                    serve_default=serve_default, dense_baseline=dense_baseline)
     if result:
         shutil.copy(run / EVAL_JSON, out / EVAL_JSON)
         if (run / PLOT).is_file():

@@ -1,18 +1,20 @@
-"""`acs-train precision`: a checkpoint's top-1 when served in float32 and in bfloat16 (the
-compact executor the server runs, on the test split), recorded in its manifest and model card.
+"""`acs-train precision`: a checkpoint's top-1 when served in float32 and in bfloat16 (by the
+executor the server runs: its variants in OpenVINO where installed, else the compact executor;
+on the test split), recorded in its manifest and model card.
 The server's `dtype=auto` serves bfloat16 only where this drop is within 0.1 point."""
 
 from __future__ import annotations
 
 import copy
+import platform
 import re
 from pathlib import Path
 
 import torch
 
 from models.core.checkpoint import load_checkpoint, read_manifest, write_manifest
+from models.core.engine import VariantExecutor, engine_name, executor_for
 from models.core.precision import BF16_TOLERANCE, DTYPES
-from models.core.registry import compact
 
 from .data import Dataset, normalize
 
@@ -25,7 +27,9 @@ def top1(executor, images: torch.Tensor, labels: torch.Tensor, data: Dataset, bu
          policy: str, dtype: torch.dtype, batch_size: int = 500) -> float:
     correct = 0
     for start in range(0, len(labels), batch_size):
-        x = normalize(images[start : start + batch_size], data.mean, data.std).to(dtype)
+        x = normalize(images[start : start + batch_size], data.mean, data.std)
+        if not isinstance(executor, VariantExecutor):  # variants take float32 images
+            x = x.to(dtype)
         logits = executor(x, budget=budget, policy=policy)
         correct += (logits.float().argmax(1) == labels[start : start + batch_size]).sum().item()
     return correct / len(labels)
@@ -38,7 +42,8 @@ def check_precision(directory: str | Path, data: Dataset, budgets=BUDGETS,
     directory = Path(directory)
     model = load_checkpoint(directory).model
     images, labels = data.test_x[:limit], data.test_y[:limit]
-    executors = {name: compact(copy.deepcopy(model).to(dtype)) for name, dtype in DTYPES.items()}
+    executors = {name: executor_for(copy.deepcopy(model), "cpu", dtype) for name, dtype in DTYPES.items()}
+    engine = engine_name(executors["float32"])
     rows = []
     for policy in policies if model.gated else ("threshold",):
         for budget in budgets if model.gated else (1.0,):
@@ -47,7 +52,8 @@ def check_precision(directory: str | Path, data: Dataset, budgets=BUDGETS,
                 row[name] = round(top1(executor, images, labels, data, budget, policy, DTYPES[name]), 4)
             row["drop"] = round(row["float32"] - row["bfloat16"], 4)
             rows.append(row)
-    result = {"images": len(labels), "top1_drop_max": max(r["drop"] for r in rows), "rows": rows}
+    result = {"images": len(labels), "top1_drop_max": max(r["drop"] for r in rows), "rows": rows,
+              "engine": engine, "cpu": platform.processor() or platform.machine()}
     manifest = read_manifest(directory)
     manifest.setdefault("dtypes", {})["bfloat16"] = result
     write_manifest(directory, manifest)
@@ -60,7 +66,9 @@ def check_precision(directory: str | Path, data: Dataset, budgets=BUDGETS,
 
 def card_section(result: dict) -> str:
     holds = result["top1_drop_max"] <= BF16_TOLERANCE
-    lines = [SECTION, "", f"Top-1 (%) served by the compact executor in each dtype, test split "
+    engine = {"openvino": "OpenVINO", "torch": "torch (variants)"}.get(result.get("engine"),
+                                                                        "the compact executor")
+    lines = [SECTION, "", f"Top-1 (%) served by {engine} in each dtype, test split "
              f"({result['images']} images), from `acs-train precision`. The largest drop is "
              f"{100 * result['top1_drop_max']:.2f} points"
              + (" (negative: bfloat16 scored higher everywhere)" if result["top1_drop_max"] < 0 else "")

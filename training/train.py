@@ -118,6 +118,7 @@ def initialize(model: GatedNetwork, cfg: TrainConfig, images: torch.Tensor, data
     """Weights from a trained run (`init_from`), else a whitening layer set from the data."""
     if cfg.init_from:
         init_weights(model, Path(cfg.init_from))
+        model.order_channels()
     elif hasattr(model, "init_whitening"):
         model.init_whitening(normalize(images[:WHITENING_IMAGES], data.mean, data.std))
 

@@ -65,6 +65,15 @@ class GatedNetwork(nn.Module):
         """The network, described once: its units in execution order (core/units.py)."""
         raise NotImplementedError
 
+    def variants(self) -> list[nn.Module] | None:
+        """Dense eval-mode modules (normalized images -> logits) that compute this network, for
+        a runtime to compile (`models.core.engine`); None: the compact executor runs it."""
+        return None
+
+    def order_channels(self) -> None:
+        """Reorder channels after loading dense weights, so that prefixes keep the important
+        ones (a network whose budget keeps prefixes); by default nothing."""
+
     def gated_totals(self) -> list[int]:
         """Channels of each gated layer, in execution order."""
         return [c for unit in self.units() for c, _ in unit.gated_layers()]

@@ -62,9 +62,10 @@ def save_checkpoint(model: GatedNetwork, directory: str | Path, *, name: str,
                     classes: list[str], mean=CIFAR_MEAN, std=CIFAR_STD,
                     accuracy: list[dict] | None = None, provenance: dict | None = None,
                     default_budget: float = 1.0, default_policy: str = "threshold",
-                    serve_default: bool = False) -> Path:
+                    serve_default: bool = False, dense_baseline: str | None = None) -> Path:
     """Write model.safetensors and manifest.json into `directory`; returns the directory.
-    `serve_default` marks the model the one a server answers /v1/predict with."""
+    `serve_default` marks the model the one a server answers /v1/predict with;
+    `dense_baseline` names the dense model it is measured against."""
     architecture, config = describe(model)
     if len(classes) != config["num_classes"]:
         raise ValueError(f"{len(classes)} class names for a {config['num_classes']}-class model")
@@ -88,6 +89,7 @@ def save_checkpoint(model: GatedNetwork, directory: str | Path, *, name: str,
         "accuracy": accuracy or [],
         "default": {"budget": default_budget, "policy": default_policy},
         **({"serve_default": True} if serve_default else {}),
+        **({"dense_baseline": dense_baseline} if dense_baseline else {}),
         "provenance": provenance or {},
         "weights": {"file": WEIGHTS, "sha256": sha256_file(directory / WEIGHTS)},
     }

@@ -179,6 +179,39 @@ class FastHead(Unit):
         return [Step(apply)]
 
 
+class FastVariant(nn.Module):
+    """One width level of a FastNet as a dense module: BN folded, weights sliced to the
+    level's channel prefixes (what a runtime compiles)."""
+
+    def __init__(self, net: FastNet, counts: list[int]) -> None:
+        super().__init__()
+        self.whiten = nn.Conv2d(3, net.whiten.out_channels, net.whiten.kernel_size, bias=True)
+        self.whiten.load_state_dict(net.whiten.state_dict())
+        self.pools = [i % 2 == 0 for i in range(len(net.convs))]
+        self.convs = nn.ModuleList()
+        cin = net.whiten.out_channels
+        for conv, norm, cout in zip(net.convs, net.norms, counts, strict=True):
+            weight = conv_weight(conv)[:cout, :cin]
+            scale = (norm.weight / torch.sqrt(norm.running_var + norm.eps))[:cout]
+            layer = nn.Conv2d(cin, cout, 3, padding=1, bias=True)
+            layer.weight.data = (weight * scale[:, None, None, None]).detach().clone()
+            layer.bias.data = (norm.bias[:cout] - norm.running_mean[:cout] * scale).detach().clone()
+            self.convs.append(layer)
+            cin = cout
+        self.head = nn.Linear(cin, net.head.out_features, bias=False)
+        self.head.weight.data = (net.head.weight[:, :cin] * net.config.head_scale).detach().clone()
+        self.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.gelu(self.whiten(x))
+        for conv, pool in zip(self.convs, self.pools, strict=True):
+            h = conv(h)
+            if pool:
+                h = F.max_pool2d(h, 2)
+            h = F.gelu(h)
+        return self.head(h.amax((2, 3)))
+
+
 class FastNet(GatedNetwork):
     architecture = "fastnet"
     config_class = FastNetConfig
@@ -219,10 +252,19 @@ class FastNet(GatedNetwork):
         filters = (vectors.T / torch.sqrt(values + eps)[:, None]).reshape(-1, 3, k, k)
         self.whiten.weight.copy_(torch.cat([filters, -filters]))
 
-    def units(self) -> list[Unit]:
+    def stem(self) -> ConvStem:
         whiten = self.whiten
-        stem = ConvStem(whiten, lambda x: F.gelu(whiten(x)),
+        return ConvStem(whiten, lambda x: F.gelu(whiten(x)),
                         compact=lambda x: F.gelu(conv2d(x, whiten.weight, whiten.bias, padding=0)))
+
+    def variants(self) -> list[nn.Module] | None:
+        """The dense baseline as one dense module (BN folded), for a runtime to compile."""
+        if self.gates:
+            return None
+        return [FastVariant(self, [w for w in self.config.widths for _ in range(2)]).eval()]
+
+    def units(self) -> list[Unit]:
+        stem = self.stem()
         gates = self.gates or [None] * len(self.convs)
         layers = [FastLayer(conv, norm, gate, i % 2 == 0, self.config.block)
                   for i, (conv, norm, gate) in enumerate(zip(self.convs, self.norms, gates, strict=True))]

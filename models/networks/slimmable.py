@@ -35,8 +35,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.base import GatedNetwork
-from ..core.budget import BudgetPlan, CalibrationTable, prefix_mask
+from ..core.budget import CalibrationTable
 from ..core.folding import scale_rows
+from ..core.levels import WidthPlan, width_table
 from ..core.macs import conv_out
 from ..core.registry import register_model
 from ..core.units import LinearHead, Step, Tally, Trace, Unit
@@ -68,20 +69,6 @@ class SlimmableResNetConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-@dataclass
-class WidthPlan(BudgetPlan):
-    """A budget plan for a slimmable network: every policy keeps the prefix of counts(b)
-    channels (at least `minimum`, the narrowest width), whatever the scores."""
-
-    minimum: tuple[int, ...] = ()
-
-    def select(self, layer: int, scores: torch.Tensor, groups: int = 1) -> torch.Tensor:
-        count = self.counts[:, layer]
-        if self.minimum:
-            count = count.clamp(min=self.minimum[layer])
-        return prefix_mask(count, scores.shape[1])
 
 
 class SwitchableBatchNorm2d(nn.Module):
@@ -362,19 +349,8 @@ class SlimmableResNet(GatedNetwork):
 
     def uniform_table(self, step: float | None = None) -> CalibrationTable:
         """The exact table: one row per width level (budget = its MAC ratio); `step` unused."""
-        budgets, taus, counts, widths = [], [], [], []
-        for level, width in enumerate(self.config.width_levels):
-            row = self.level_counts(level)
-            cost = float(self.count_cost(row).ratio[0])
-            if budgets and (cost <= budgets[-1] or row == counts[-1]):
-                continue  # a level no wider than the previous one (tiny layers)
-            budgets.append(cost)
-            taus.append(round(1.0 - width, 6))
-            counts.append(row)
-            widths.append(width)
-        return CalibrationTable(budgets, taus, counts, budgets[0], "widths",
-                                {"widths": widths, "method": "widest width level whose MAC "
-                                 "ratio is <= the budget; exact, input-independent"})
+        levels = self.config.width_levels
+        return width_table(self, [self.level_counts(i) for i in range(len(levels))], list(levels))
 
     def plan(self, budget, policy: str, batch: int, device) -> WidthPlan:
         return WidthPlan.resolve(self.table, budget, policy, batch, device,

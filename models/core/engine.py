@@ -1,0 +1,169 @@
+"""Engines: what runs a network that comes as dense variants (`GatedNetwork.variants()`).
+
+A network with variants (a dense baseline, the width levels of a `LevelNetwork`) runs each
+variant as one dense model with prepacked weights: on the CPU in OpenVINO when it is
+installed (`OpenVINORuntime`, compiled at load, in bfloat16 or float32), else and on CUDA in
+torch (`TorchRuntime`, contiguous slices, no gathers). `VariantExecutor` routes every image
+to a variant (`models.core.levels.cascade`), runs the images of one variant as one batch
+and charges each image the MACs of the variants it ran. A network without variants runs on
+the torch compact executor. Networks do not know which engine runs them.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import numpy as np
+import torch
+from torch import nn
+
+from .base import ForwardInfo, GatedNetwork
+from .budget import prefix_mask
+from .compact import CompactExecutor
+from .levels import LevelNetwork, cascade
+from .macs import Cost
+
+RUNTIMES = ("auto", "openvino", "torch")
+
+
+def openvino_available() -> bool:
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class TorchRuntime:
+    """Variants as eager torch modules in one dtype."""
+
+    name = "torch"
+
+    def __init__(self, modules: list[nn.Module], dtype: torch.dtype) -> None:
+        self.modules = [m.to(dtype).eval() for m in modules]
+        self.dtype = dtype
+
+    @torch.no_grad()
+    def __call__(self, level: int, x: torch.Tensor) -> torch.Tensor:
+        return self.modules[level](x.to(self.dtype)).float()
+
+
+class OpenVINORuntime:
+    """Variants compiled by OpenVINO for the CPU (dynamic batch, a fixed image size), one
+    infer request each, in `precision` ("bf16" or "f32")."""
+
+    name = "openvino"
+
+    def __init__(self, modules: list[nn.Module], size: int, precision: str, threads: int) -> None:
+        import openvino as ov
+
+        self.size, self.precision = size, precision
+        core = ov.Core()
+        config = {"INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": threads,
+                  "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
+        example = torch.zeros(1, 3, size, size)
+        self.requests = []
+        for module in modules:
+            with warnings.catch_warnings():  # the converter traces with torch.jit (deprecated)
+                warnings.simplefilter("ignore", FutureWarning)
+                graph = ov.convert_model(module.float().eval(), example_input=example,
+                                         input=[ov.PartialShape([-1, 3, size, size])])
+            self.requests.append(core.compile_model(graph, "CPU", config).create_infer_request())
+
+    def __call__(self, level: int, x: torch.Tensor) -> torch.Tensor:
+        request = self.requests[level]
+        request.infer(np.ascontiguousarray(x.float().numpy()), share_inputs=True)
+        return torch.from_numpy(request.get_output_tensor(0).data.copy())
+
+
+def pick_runtime(setting: str, device: torch.device) -> str:
+    """The runtime for a device: auto is OpenVINO on the CPU where installed, else torch."""
+    if setting not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {setting!r}")
+    if setting == "openvino" and (device.type != "cpu" or not openvino_available()):
+        raise ValueError("runtime openvino needs the CPU and the openvino package")
+    if setting == "auto":
+        return "openvino" if device.type == "cpu" and openvino_available() else "torch"
+    return setting
+
+
+class VariantExecutor:
+    """Runs a network's variants on a runtime: each image routed to one (or a probe, then a
+    wider one), the images of a variant in one batch, each charged its variants' MACs."""
+
+    def __init__(self, model: GatedNetwork, runtime: str = "auto", dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu", threads: int | None = None) -> None:
+        self.model = model.eval()
+        modules = model.variants()
+        self.device = torch.device(device)
+        self.runtime_name = pick_runtime(runtime, self.device)
+        self.fallback = TorchRuntime([m.to(self.device) for m in modules], dtype)
+        self.runtime = self.fallback
+        if self.runtime_name == "openvino":
+            precision = "bf16" if dtype == torch.bfloat16 else "f32"
+            self.runtime = OpenVINORuntime(modules, model.input_size, precision,
+                                           threads or torch.get_num_threads() or os.cpu_count())
+        self.levels = isinstance(model, LevelNetwork)
+        self.totals = model.gated_totals()
+        self._costs: dict[tuple[int, int], tuple] = {}
+
+    def _level_costs(self, height: int, width: int) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """(dense MACs, executed MACs per level, kept counts per level (levels, L))."""
+        if (height, width) not in self._costs:
+            model = self.model
+            if self.levels:
+                counts = [model.level_counts(i) for i in range(model.num_levels)]
+            else:
+                counts = [list(self.totals)]
+            costs = [model.count_cost(c, height, width) for c in counts]
+            self._costs[height, width] = (costs[0].dense, torch.tensor([int(c.executed[0]) for c in costs]),
+                                          torch.tensor(counts, dtype=torch.long).reshape(len(counts), -1))
+        return self._costs[height, width]
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, budget=None, policy: str = "threshold",
+                 return_info: bool = False, per_sample: bool = False):
+        """Logits (float32) and, with return_info, the plan, masks and cost of every image.
+        `per_sample`: every image alone (a check that batching changes nothing)."""
+        model = self.model
+        model.check_input(x)
+        batch = x.shape[0]
+        plan = model.plan(budget, policy, batch, x.device)
+        if self.levels:
+            probe, target, tau = model.routes(plan)
+        else:
+            probe = target = torch.zeros(batch, dtype=torch.long, device=x.device)
+            tau = torch.full((batch,), float("inf"), device=x.device)
+        runtime = self.runtime if x.shape[-1] == x.shape[-2] == model.input_size else self.fallback
+        if per_sample and batch > 1:
+            parts = [cascade(runtime, x[i : i + 1], probe[i : i + 1], target[i : i + 1], tau[i : i + 1])
+                     for i in range(batch)]
+            logits, final, escalated = (torch.cat(p) for p in zip(*parts, strict=True))
+        else:
+            logits, final, escalated = cascade(runtime, x, probe, target, tau)
+        if not return_info:
+            return logits
+        dense, executed, counts = self._level_costs(*x.shape[-2:])
+        final, escalated, probe = final.cpu(), escalated.cpu(), probe.cpu()
+        spent = torch.where(escalated, executed[probe], 0)
+        kept = counts[final]
+        cost = Cost(dense, executed[final] + spent, spent, kept, list(self.totals))
+        masks = [prefix_mask(kept[:, i], total) for i, total in enumerate(self.totals)]
+        if self.levels:
+            plan = model.level_plan(plan, final.to(x.device))
+        return logits, ForwardInfo(plan, masks, [], cost)
+
+
+def engine_name(executor) -> str:
+    """What an executor runs on: openvino or torch (variants), or torch-compact."""
+    return executor.runtime_name if isinstance(executor, VariantExecutor) else "torch-compact"
+
+
+def executor_for(model: GatedNetwork, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 runtime: str = "auto", threads: int | None = None):
+    """What serves a model: its variants on a runtime when it has them, else the torch compact
+    executor (the model cast to `dtype`)."""
+    if model.variants() is not None:
+        return VariantExecutor(model, runtime, dtype, device, threads)
+    return CompactExecutor(model.to(dtype))
