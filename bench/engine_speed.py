@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -66,6 +68,24 @@ def slice_counts(dense, ratio: float) -> list[int]:
     return best[0]
 
 
+def rss_mib() -> float:
+    """This process's resident memory (Linux /proc), MiB."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def loaded(model, dtype: torch.dtype, images: torch.Tensor, args):
+    """The model's serving executor, and what loading it cost: seconds to build (compile) it,
+    seconds to warm every width level at every timed batch size, resident memory added."""
+    before, start = rss_mib(), time.perf_counter()
+    executor = executor_for(model, torch.device("cpu"), dtype, args.runtime, args.threads)
+    built = time.perf_counter()
+    for n in args.batches:
+        for budget in model.table.budgets:
+            executor(images[:n], budget=budget, policy="topk")
+    return executor, {"compile_s": round(built - start, 3), "warmup_s": round(time.perf_counter() - built, 3),
+                      "rss_mib": round(rss_mib() - before, 1)}
+
+
 def run(args) -> dict:
     checkpoint = load_checkpoint(args.weights / args.model)
     manifest = checkpoint.manifest
@@ -76,9 +96,10 @@ def run(args) -> dict:
     cpu = torch.device("cpu")
     ours_dtype = serving_dtype("auto", cpu, manifest)
     dense_dtype = serving_dtype("auto", cpu, dense_ckpt.manifest)
-    ours = executor_for(checkpoint.model, cpu, ours_dtype, args.runtime, args.threads)
-    dense = executor_for(dense_ckpt.model, cpu, dense_dtype, args.runtime, args.threads)
     images = sample_images(manifest, max(args.batches))
+    load = {}
+    ours, load[args.model] = loaded(checkpoint.model, ours_dtype, images, args)
+    dense, load[dense_name] = loaded(dense_ckpt.model, dense_dtype, images, args)
     precision = "bf16" if dense_dtype == torch.bfloat16 else "f32"
 
     # the MACs ours executes at each budget, on these images
@@ -132,13 +153,17 @@ def run(args) -> dict:
             "dense": dense_name, "dense_engine": engine_name(dense), "dense_dtype": str(dense_dtype),
             "policy": args.policy, "images": f"{SAMPLES.relative_to(ROOT)} ({len(images)})",
             "tracking_requests": len(batches)}
-    return {"meta": meta, "rows": rows, "tracking": tracking}
+    return {"meta": meta, "load": load, "rows": rows, "tracking": tracking}
 
 
 def print_tables(result: dict) -> None:
     m = result["meta"]
     print(f"\n{m['model']} ({m['engine']}, {m['dtype']}, {m['policy']}) against {m['dense']} "
           f"({m['dense_engine']}, {m['dense_dtype']}); {m['threads']} thread(s); {m['cpu']}\n")
+    print("| model | compile s | warm-up s | resident memory added (MiB) |\n|---|---|---|---|")
+    for name, row in result["load"].items():
+        print(f"| {name} | {row['compile_s']:.2f} | {row['warmup_s']:.2f} | {row['rss_mib']:.1f} |")
+    print()
     print("| batch | budget | executed | ours ms | reference | its MACs | reference ms | ours/ref | met |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in result["rows"]:

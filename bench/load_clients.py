@@ -137,10 +137,10 @@ def parse_hey_csv(text: str, seconds: float) -> dict:
 
 
 def hey_closed_loop(url: str, body_file: Path, concurrency: int, seconds: float,
-                    timeout: float = 60) -> dict:
-    """`hey -z` with `concurrency` workers POSTing the PNG in body_file to url."""
+                    timeout: float = 60, content_type: str = "image/png") -> dict:
+    """`hey -z` with `concurrency` workers POSTing body_file (a PNG by default) to url."""
     cmd = [tool("hey"), "-z", f"{seconds:g}s", "-c", str(concurrency), "-m", "POST",
-           "-T", "image/png", "-D", str(body_file), "-t", f"{timeout:g}", "-o", "csv", url]
+           "-T", content_type, "-D", str(body_file), "-t", f"{timeout:g}", "-o", "csv", url]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True,
                          timeout=seconds + timeout + 30).stdout
     return parse_hey_csv(out, seconds)

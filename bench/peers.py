@@ -1,12 +1,15 @@
-"""acs-serve against peer servers (LitServe, TorchServe): same model, same machine, same load.
+"""acs-serve against peer servers (FastAPI + OpenVINO, LitServe, TorchServe): same model, same
+machine, same load.
 
-Every server serves the same dense checkpoint (--dense, the shipped `fastnet` by default) in the
-same precision (the one acs-serve's dtype=auto picks for it), with one torch thread, one
-inference worker, the same largest batch and the same batch delay (how long a batch may wait to
-fill: acs-serve --max-queue-delay-ms, LitServe batch_timeout, TorchServe maxBatchDelay).
-acs-serve also serves the ACS model (--acs, the shipped default `acs_fastnet`) at --budgets
-1.0 and 0.5 under --policy (threshold). The peers decode and preprocess exactly as acs-serve
-does (service/imaging) and run the plain PyTorch module; acs-serve runs its compact executor.
+Every server serves the same dense checkpoint (--dense, the shipped `fastnet` by default) with
+one inference thread and one worker. FastAPI + OpenVINO is the server a user would write
+(bench/peer_servers/fastapi_openvino.py: the dense network compiled whole in OpenVINO at its
+best precision, one image per request, no batching). LitServe and TorchServe run the plain
+PyTorch module in the precision acs-serve's dtype=auto picks for it, with the same largest
+batch and batch delay as acs-serve (--max-queue-delay-ms, LitServe batch_timeout, TorchServe
+maxBatchDelay). acs-serve also serves the budget-native model (--acs, the shipped default
+`acs_ranked_fastnet`) at --budgets under --policy (threshold), as it serves it (its width
+levels in OpenVINO). The peers decode and preprocess exactly as acs-serve does (service/imaging).
 
 Servers run one at a time, each logging warnings only. Each is driven by `hey` (a closed loop of
 --concurrency clients, each posting one 32x32 PNG as a raw image/png body) for --duration seconds
@@ -14,12 +17,15 @@ per concurrency, after a --warmup at the highest one. "Where the time goes" time
 process and round-robin before any server starts, the preprocessing and the bare model call each
 server makes for one image; overhead = the HTTP p50 at concurrency 1 minus both (HTTP, queues,
 batching, process hops, the load generator).
-Against the best peer (highest req/s at the same concurrency) the goal is met when our req/s
-ratio reaches GOALS[budget] with a p99 no worse than the peer's.
+Goals (issue 26), against FastAPI + OpenVINO: at concurrency 1 our p50 over its p50 at most
+LATENCY_GOALS[budget]; at concurrency 16 our req/s over its req/s at least
+THROUGHPUT_GOALS[budget]. Then acs-serve alone, --multi-clients clients each posting
+--multi images in one multipart request: images/s at budget 0.5 over images/s at 1.0 at
+least MULTI_GOAL.
 
     OMP_NUM_THREADS=1 python bench/peers.py --json peers.json --plot peers.png
+    OMP_NUM_THREADS=1 python bench/peers.py --peers fastapi-openvino --duration 5
     OMP_NUM_THREADS=1 python bench/peers.py --dense densenet40 --acs acs_densenet40 --budgets 1.0 0.5
-    OMP_NUM_THREADS=1 python bench/peers.py --peers litserve --duration 3 --concurrency 1 4
 
 Needs `hey` (apt-get install hey); a peer that is not installed (pip install litserve
 torchserve torch-model-archiver; TorchServe also needs Java 17) is skipped with the reason.
@@ -58,14 +64,17 @@ from peer_servers.classifier import Classifier
 
 from models.core.budget import POLICIES
 from models.core.checkpoint import load_checkpoint
+from models.core.engine import VariantExecutor, executor_for
 from models.core.precision import serving_dtype
-from models.core.registry import compact
 
 PEER_DIR = Path(__file__).resolve().parent / "peer_servers"
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
-PEERS = ("litserve", "torchserve")
-GOALS = {1.0: 1.1, 0.5: 1.5}  # budget -> throughput over the best peer's, at no worse p99
+PEERS = ("fastapi-openvino", "litserve", "torchserve")
+REFERENCE = "fastapi-openvino"  # the peer the goals are set against
+LATENCY_GOALS = {1.0: 1.15, 0.5: 0.85, 0.25: 0.7}  # budget -> our p50 over its, concurrency 1
+THROUGHPUT_GOALS = {1.0: 1.0, 0.5: 1.2}  # budget -> our req/s over its, concurrency 16
+MULTI_GOAL = 1.3  # images/s at budget 0.5 over 1.0, clients posting several images each
 
 
 @dataclass
@@ -73,6 +82,7 @@ class Target:
     model: str
     budget: float
     path: str  # URL path and query
+    images: int = 1  # images per request (more: one multipart body, --multi-clients clients)
 
 
 @dataclass
@@ -97,6 +107,16 @@ def wait_predict(url: str, body: bytes, seconds: float, proc: subprocess.Popen) 
             pass
         time.sleep(0.5)
     raise TimeoutError(f"{url} did not answer a prediction within {seconds:.0f} s")
+
+
+def start_fastapi_openvino(weights: Path, args) -> Callable:
+    def start(folder: Path, port: int, log) -> subprocess.Popen:
+        cmd = [sys.executable, str(PEER_DIR / "fastapi_openvino.py"), "--weights", str(weights),
+               "--port", str(port), "--threads", str(args.threads)]
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+        return subprocess.Popen(cmd, env=env, cwd=folder, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    return start
 
 
 def start_litserve(weights: Path, args) -> Callable:
@@ -173,6 +193,8 @@ def start_torchserve(weights: Path, args) -> Callable:
 
 def missing(peer: str) -> str | None:
     """Why a peer cannot run here, or None."""
+    if peer == "fastapi-openvino":
+        return None if util.find_spec("openvino") else "pip install openvino"
     if peer == "litserve":
         return None if util.find_spec("litserve") else "pip install litserve"
     for tool in ("torchserve", "torch-model-archiver", "java"):
@@ -192,9 +214,15 @@ def servers(weights: Path, args, skipped: dict) -> list[Server]:
         return start_acs_serve(weights, port, args.threads, args.max_batch_size, log=log,
                                extra=("--max-queue-delay-ms", str(args.batch_delay_ms)))
 
-    out = [Server("acs-serve", acs, [Target(m, b, f"/v1/models/{m}/predict?budget={b}&policy={args.policy}")
-                                     for m, b in ours(args)], group=False)]
-    paths = {"litserve": (start_litserve, "/predict"),
+    def path(m: str, b: float) -> str:
+        return f"/v1/models/{m}/predict?budget={b}&policy={args.policy}"
+
+    targets = [Target(m, b, path(m, b)) for m, b in ours(args)]
+    if args.multi > 1:
+        targets += [Target(args.acs, b, path(args.acs, b), args.multi) for b in (1.0, 0.5)]
+    out = [Server("acs-serve", acs, targets, group=False)]
+    paths = {"fastapi-openvino": (start_fastapi_openvino, "/predict"),
+             "litserve": (start_litserve, "/predict"),
              "torchserve": (start_torchserve, f"/predictions/{args.dense}")}
     for name in args.peers:
         reason = missing(name)
@@ -211,14 +239,20 @@ def servers(weights: Path, args, skipped: dict) -> list[Server]:
 def bare_ms(weights: Path, image: bytes, args) -> dict:
     """In this process, round-robin: median ms of preprocessing the image ("preprocess") and of
     each server's model call on it ((acs-serve or peer, model, budget))."""
-    peer = Classifier(weights / args.dense, args.threads)  # the peers' code path
+    peer = Classifier(weights / args.dense, args.threads)  # LitServe's and TorchServe's code path
     x = peer.preprocess(image)[None]
     calls = {"preprocess": lambda: peer.preprocess(image),
              ("peer", args.dense, 1.0): lambda: peer.predict(x)}
+    if util.find_spec("openvino"):
+        from peer_servers.fastapi_openvino import compile_dense
+
+        request = compile_dense(str(weights / args.dense), args.threads)[1]
+        calls[(REFERENCE, args.dense, 1.0)] = lambda: request.infer(x.numpy(), share_inputs=True)
     for model, budget in ours(args):
         checkpoint = load_checkpoint(weights / model)
         dtype = serving_dtype("auto", torch.device("cpu"), checkpoint.manifest)  # as served
-        executor, xd = compact(checkpoint.model.to(dtype)), x.to(dtype)
+        executor = executor_for(checkpoint.model, torch.device("cpu"), dtype, "auto", args.threads)
+        xd = x if isinstance(executor, VariantExecutor) else x.to(dtype)
         calls[("acs-serve", model, budget)] = (
             lambda e=executor, xd=xd, b=budget: torch.softmax(e(xd, budget=b, policy=args.policy), 1))
     return round_robin_ms(calls)
@@ -230,12 +264,25 @@ def where_time_goes(rows: list[dict], bare: dict) -> list[dict]:
     out = []
     for r in rows:
         if r["concurrency"] == 1 and r["ok"]:
-            model = bare[("acs-serve" if r["server"] == "acs-serve" else "peer", r["model"], r["budget"])]
+            key = r["server"] if r["server"] in ("acs-serve", REFERENCE) else "peer"
+            model = bare.get((key, r["model"], r["budget"]))
+            if model is None:
+                continue
             out.append({"server": r["server"], "model": r["model"], "budget": r["budget"],
                         "preprocess_ms": bare["preprocess"], "model_ms": model,
                         "http_p50_ms": r["p50_ms"],
                         "overhead_ms": r["p50_ms"] - bare["preprocess"] - model})
     return out
+
+
+def multipart(image: bytes, count: int, folder: Path) -> tuple[Path, str]:
+    """A multipart/form-data body of `count` copies of the image (field "file") and its type."""
+    boundary = "acsbenchboundary"
+    part = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="x.png"\r\n'
+            "Content-Type: image/png\r\n\r\n").encode() + image + b"\r\n"
+    path = folder / f"body-{count}.multipart"
+    path.write_bytes(part * count + f"--{boundary}--\r\n".encode())
+    return path, f"multipart/form-data; boundary={boundary}"
 
 
 def measure(server: Server, folder: Path, body: Path, args) -> list[dict]:
@@ -250,14 +297,19 @@ def measure(server: Server, folder: Path, body: Path, args) -> list[dict]:
             for target in server.targets:
                 url = f"http://127.0.0.1:{port}{target.path}"
                 wait_predict(url, image, args.start_timeout, proc)
-                hey_closed_loop(url, body, max(args.concurrency), args.warmup)
-                for c in args.concurrency:
+                send, ctype, levels = body, "image/png", args.concurrency
+                if target.images > 1:
+                    (send, ctype), levels = multipart(image, target.images, folder), [args.multi_clients]
+                hey_closed_loop(url, send, max(levels), args.warmup, content_type=ctype)
+                for c in levels:
                     load = round(os.getloadavg()[0], 2)  # the machine is shared: judge by it
-                    result = hey_closed_loop(url, body, c, args.duration)
+                    result = hey_closed_loop(url, send, c, args.duration, content_type=ctype)
                     rows.append({"server": server.name, "model": target.model,
                                  "budget": target.budget, "concurrency": c, "loadavg_1m": load,
+                                 **({"images": target.images} if target.images > 1 else {}),
                                  **result})
-                    print(f"{server.name} {target.model} budget {target.budget} concurrency {c}: "
+                    print(f"{server.name} {target.model} budget {target.budget} concurrency {c} "
+                          f"({target.images} image(s) a request): "
                           f"{result['throughput']:.1f} req/s, p99 {fmt(result['p99_ms'])} ms", flush=True)
         finally:
             if server.group:
@@ -269,22 +321,35 @@ def measure(server: Server, folder: Path, body: Path, args) -> list[dict]:
 
 
 def versus_peers(rows: list[dict]) -> list[dict]:
-    """Our throughput and p99 over the best peer's (highest req/s) at each concurrency."""
+    """Ours against the reference peer (FastAPI + OpenVINO) at the same concurrency: p50 and
+    req/s ratios, and the goal where one is set (latency at concurrency 1, req/s at 16)."""
     out = []
-    for ours in (r for r in rows if r["server"] == "acs-serve" and r["ok"]):
-        peers = [r for r in rows if r["server"] != "acs-serve" and r["ok"]
-                 and r["concurrency"] == ours["concurrency"]]
-        if not peers:
+    for ours in (r for r in rows if r["server"] == "acs-serve" and r["ok"] and "images" not in r):
+        peer = next((r for r in rows if r["server"] == REFERENCE and r["ok"]
+                     and r["concurrency"] == ours["concurrency"]), None)
+        if peer is None:
             continue
-        best = max(peers, key=lambda r: r["throughput"])
-        speedup = ours["throughput"] / best["throughput"]
-        p99_ratio = ours["p99_ms"] / best["p99_ms"]
-        goal = GOALS.get(ours["budget"])
-        out.append({"model": ours["model"], "budget": ours["budget"],
-                    "concurrency": ours["concurrency"], "best_peer": best["server"],
-                    "throughput_ratio": speedup, "p99_ratio": p99_ratio, "goal": goal,
-                    "met": None if goal is None else speedup >= goal and p99_ratio <= 1.0})
+        p50, rps = ours["p50_ms"] / peer["p50_ms"], ours["throughput"] / peer["throughput"]
+        goal = met = None
+        if ours["concurrency"] == 1 and ours["budget"] in LATENCY_GOALS:
+            goal = f"p50 <= {LATENCY_GOALS[ours['budget']]}x"
+            met = p50 <= LATENCY_GOALS[ours["budget"]]
+        elif ours["concurrency"] == 16 and ours["budget"] in THROUGHPUT_GOALS:
+            goal = f"req/s >= {THROUGHPUT_GOALS[ours['budget']]}x"
+            met = rps >= THROUGHPUT_GOALS[ours["budget"]]
+        out.append({"model": ours["model"], "budget": ours["budget"], "concurrency": ours["concurrency"],
+                    "peer": REFERENCE, "p50_ratio": p50, "throughput_ratio": rps, "goal": goal,
+                    "met": met})
     return out
+
+
+def multi_image(rows: list[dict]) -> dict | None:
+    """Images/s of acs-serve's multi-image requests at budget 0.5 over 1.0, against MULTI_GOAL."""
+    rate = {r["budget"]: r["throughput"] * r["images"] for r in rows if r.get("images") and r["ok"]}
+    if 1.0 not in rate or 0.5 not in rate:
+        return None
+    ratio = rate[0.5] / rate[1.0]
+    return {"images_per_s": rate, "ratio": ratio, "goal": MULTI_GOAL, "met": ratio >= MULTI_GOAL}
 
 
 def print_tables(result: dict) -> None:
@@ -292,11 +357,12 @@ def print_tables(result: dict) -> None:
     print(f"\n{meta['cpus']} CPUs, load average before {meta['loadavg_before']}, after "
           f"{meta['loadavg_after']}; {meta['threads']} torch thread(s); max batch "
           f"{meta['max_batch_size']}, batch delay {meta['batch_delay_ms']} ms; {meta['weights']}\n")
-    print("| server | model | budget | concurrency | req/s | p50 ms | p90 ms | p99 ms | ok | errors |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| server | model | budget | concurrency | images/request | req/s | p50 ms | p90 ms | p99 ms "
+          "| ok | errors |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in result["rows"]:
         print(f"| {r['server']} | {r['model']} | {r['budget']} | {r['concurrency']} | "
-              f"{r['throughput']:.1f} | {fmt(r['p50_ms'])} | {fmt(r['p90_ms'])} | "
+              f"{r.get('images', 1)} | {r['throughput']:.1f} | {fmt(r['p50_ms'])} | {fmt(r['p90_ms'])} | "
               f"{fmt(r['p99_ms'])} | {r['ok']} | {r['errors'] or 0} |")
     if result["where_time_goes"]:
         print("\nWhere the time goes at concurrency 1 (preprocess, model: medians of bare calls in "
@@ -307,15 +373,18 @@ def print_tables(result: dict) -> None:
             print(f"| {w['server']} | {w['model']} | {w['budget']} | {w['preprocess_ms']:.2f} | "
                   f"{w['model_ms']:.2f} | {w['http_p50_ms']:.2f} | {w['overhead_ms']:.2f} |")
     if result["versus"]:
-        print("\nacs-serve over the best peer at the same concurrency (goal met: req/s ratio >= "
-              "goal and p99 ratio <= 1)\n")
-        print("| model | budget | concurrency | best peer | req/s ratio | p99 ratio | goal | met |")
-        print("|---|---|---|---|---|---|---|---|")
+        print(f"\nacs-serve over {REFERENCE} at the same concurrency\n")
+        print("| model | budget | concurrency | p50 ratio | req/s ratio | goal | met |")
+        print("|---|---|---|---|---|---|---|")
         for v in result["versus"]:
             met = "-" if v["met"] is None else ("yes" if v["met"] else "no")
-            print(f"| {v['model']} | {v['budget']} | {v['concurrency']} | {v['best_peer']} | "
-                  f"{v['throughput_ratio']:.2f} | {v['p99_ratio']:.2f} | "
-                  f"{fmt(v['goal'], '.1f')} | {met} |")
+            print(f"| {v['model']} | {v['budget']} | {v['concurrency']} | {v['p50_ratio']:.2f} | "
+                  f"{v['throughput_ratio']:.2f} | {v['goal'] or '-'} | {met} |")
+    multi = result.get("multi")
+    if multi:
+        rates = ", ".join(f"{rate:.0f} at budget {b}" for b, rate in multi["images_per_s"].items())
+        print(f"\nMulti-image requests: images/s {rates}; 0.5 over 1.0 {multi['ratio']:.2f} "
+              f"(goal >= {multi['goal']}: {'met' if multi['met'] else 'not met'})")
     for peer, reason in meta["skipped"].items():
         print(f"\n{peer} skipped: {reason}")
 
@@ -406,10 +475,12 @@ def run(args) -> dict:
             "concurrency": args.concurrency, "duration_s": args.duration, "warmup_s": args.warmup,
             "load_generator": "hey (closed loop, keep-alive, raw image/png body)",
             "weights": f"{args.weights}: {args.dense} (every server), {args.acs} (acs-serve)",
-            "peer_model": "eager torch module, eval, no_grad; acs-serve: compact executor",
+            "peer_model": "fastapi-openvino: the dense network compiled whole in OpenVINO; "
+                          "litserve, torchserve: eager torch module, eval, no_grad; acs-serve: as "
+                          "served (its engine)",
             "skipped": skipped}
     return {"meta": meta, "rows": rows, "where_time_goes": where_time_goes(rows, bare),
-            "versus": versus_peers(rows)}
+            "versus": versus_peers(rows), "multi": multi_image(rows)}
 
 
 def main(argv=None) -> int:
@@ -417,11 +488,14 @@ def main(argv=None) -> int:
     parser.add_argument("--peers", nargs="*", choices=PEERS, default=list(PEERS))
     parser.add_argument("--weights", type=Path, default=WEIGHTS, help="checkpoint folders")
     parser.add_argument("--dense", default="fastnet", help="the dense model every server serves")
-    parser.add_argument("--acs", default="acs_fastnet", help="the ACS model acs-serve also serves")
+    parser.add_argument("--acs", default="acs_ranked_fastnet", help="the ACS model acs-serve also serves")
     parser.add_argument("--policy", default="threshold", choices=POLICIES)
-    parser.add_argument("--budgets", nargs="+", type=float, default=[1.0, 0.5],
+    parser.add_argument("--budgets", nargs="+", type=float, default=[1.0, 0.5, 0.25],
                         help="budgets for the ACS model (the dense one runs at 1.0)")
-    parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32])
+    parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 16])
+    parser.add_argument("--multi", type=int, default=8,
+                        help="images per request of the multi-image load (1: none)")
+    parser.add_argument("--multi-clients", type=int, default=4, help="clients of the multi-image load")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per concurrency")
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds per target, first")
     parser.add_argument("--max-batch-size", type=int, default=8)
