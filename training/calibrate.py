@@ -134,32 +134,42 @@ def level_logits(model: LevelNetwork, images: torch.Tensor, mean, std, device="c
 
 
 def fit_cascade(ratios: list[float], logits: torch.Tensor, labels: torch.Tensor,
-                budgets: list[float]) -> list[list[float]]:
-    """Cascade rows [budget, probe, target, tau]: for each budget, the (probe, target) pair and
-    the uncertainty threshold that escalate as many of the most uncertain images as a mean cost
-    of the budget allows, with the best top-1 (`ratios`: each level's cost; `logits`: (levels,
-    N, classes)). A budget no cascade reaches gets the widest level within it."""
+                budgets: list[float], cap: bool = False) -> list[list[float]]:
+    """Cascade rows [budget, probe, target, tau] with the best top-1 on the images for each
+    budget (`ratios`: each level's cost; `logits`: (levels, N, classes)). threshold: the
+    (probe, target) pair whose mean cost, escalating the most uncertain images, meets the
+    budget (within TRACK); `cap`: pairs whose probe plus target cost fits the budget, with
+    the best number of escalations. The widest level within the budget (no probe) is a
+    candidate too; the full budget runs the full network."""
     n = labels.shape[0]
     correct = (logits.argmax(2) == labels[None]).double()
+    full = len(ratios) - 1
     rows = []
     for b in budgets:
         if b >= 1.0 - 1e-9:  # the full budget runs the full network, as the dense one does
-            rows.append([b, len(ratios) - 1, len(ratios) - 1, NEVER_TAU])
+            rows.append([b, full, full, NEVER_TAU])
             continue
         within = [lv for lv, r in enumerate(ratios) if r <= b + 1e-9] or [0]
-        # candidates ranked by (mean cost within TRACK of the budget, top-1)
-        best = ((ratios[within[-1]] >= b - TRACK, correct[within[-1]].mean().item()),
+        # candidates ranked by (mean cost tracks the budget, or cap; top-1)
+        best = ((cap or ratios[within[-1]] >= b - TRACK, correct[within[-1]].mean().item()),
                 [b, within[-1], within[-1], NEVER_TAU])
         for p in within:
             u = uncertainty(logits[p])
             order = u.argsort(descending=True)
-            stop_cum = torch.cat([torch.zeros(1, dtype=torch.float64), correct[p][order].cumsum(0)])
+            stopped = correct[p].sum() - torch.cat([torch.zeros(1, dtype=torch.float64),
+                                                    correct[p][order].cumsum(0)])
             for t in range(p + 1, len(ratios)):
-                k = min(n, int((b - ratios[p]) * n / ratios[t] + 1e-9))
-                if k <= 0:
-                    continue
-                acc = ((correct[t][order][:k].sum() + correct[p].sum() - stop_cum[k]) / n).item()
-                key = (ratios[p] + k / n * ratios[t] >= b - TRACK, acc)
+                escalated = torch.cat([torch.zeros(1, dtype=torch.float64), correct[t][order].cumsum(0)])
+                top1 = (escalated + stopped) / n  # top-1 escalating the k most uncertain, k = 0..n
+                if cap:
+                    if ratios[p] + ratios[t] > b + 1e-9:
+                        continue
+                    k = int(top1[1:].argmax()) + 1
+                else:
+                    k = min(n, int((b - ratios[p]) * n / ratios[t] + 1e-9))
+                    if k <= 0:
+                        continue
+                key = (cap or ratios[p] + k / n * ratios[t] >= b - TRACK, float(top1[k]))
                 if key > best[0]:
                     best = (key, [b, p, t, float(u[order[k - 1]])])
         rows.append(best[1])
@@ -173,12 +183,15 @@ def cascade_table(model: LevelNetwork, images: torch.Tensor, labels: torch.Tenso
     ratios = model.level_costs(model.input_size, model.input_size)[1]
     logits = level_logits(model, images, mean, std, device)
     budgets = budget_grid(table.floor, CASCADE_STEP)
-    rows = fit_cascade(ratios, logits, labels.cpu(), budgets)
+    cascades = {policy: [[round(b, 6), p, t, round(tau, 6)] for b, p, t, tau in
+                         fit_cascade(ratios, logits, labels.cpu(), budgets, cap=policy == "cap")]
+                for policy in ("threshold", "cap")}
     top1 = [round(v, 4) for v in (logits.argmax(2) == labels.cpu()[None]).double().mean(1).tolist()]
-    extra = {**table.extra, "cascade": [[round(b, 6), p, t, round(tau, 6)] for b, p, t, tau in rows],
+    extra = {**table.extra, "cascade": cascades,
              "cascade_method": "confidence cascade: probe level, then the target level for images "
                                "whose uncertainty (1 - top-1 probability) >= tau; fitted for the "
-                               "best top-1 at a mean cost of each budget", "images": len(images),
+                               "best top-1 at a mean cost of each budget (threshold), or with "
+                               "probe plus target within it (cap)", "images": len(images),
              "level_top1": top1}
     return CalibrationTable(table.budgets, table.taus, table.counts, table.floor, "cascade", extra)
 

@@ -9,11 +9,13 @@ routes each image (`routes`):
 - `threshold`: a confidence cascade. The image first runs a probe level; when the probe's
   top-1 probability leaves an uncertainty (1 - p) below tau it stops there, else it runs a
   wider target level too. The probe's MACs count as gate MACs of an escalated image. The
-  table's `extra["cascade"]` holds (budget, probe, target, tau) rows, calibrated on
-  held-out images so that the mean cost tracks the budget (`fit_cascade`); without them
-  threshold runs as topk;
-- `cap`: the threshold row's probe and tau, escalating only to the widest level whose cost
-  plus the probe's stays within the budget; where none does, topk.
+  table's `extra["cascade"]["threshold"]` holds (budget, probe, target, tau) rows,
+  calibrated on held-out images so that the mean cost tracks the budget (`fit_cascade`);
+- `cap`: the same, from `extra["cascade"]["cap"]`, whose rows only pair levels whose costs
+  add up to at most the budget: no image costs more.
+
+A request runs the row at or below its budget; without calibrated rows every policy runs
+as topk.
 
 `cascade` runs the routes with any `run(level, images)`: the masked reference, the torch
 variants or a compiled runtime, so every engine decides the same way.
@@ -142,24 +144,14 @@ class LevelNetwork(GatedNetwork):
     def routes(self, plan: BudgetPlan) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(probe level, target level, tau), per image, for a plan (see the module docstring)."""
         b = plan.effective
-        topk = self.widest_within(b).clamp(min=0)
-        never = torch.full_like(b, NEVER)
-        rows = self.table.extra.get("cascade")
-        if plan.policy == "topk" or not rows:
-            return topk, topk, never
+        rows = self.table.extra.get("cascade", {}).get(plan.policy)
+        if not rows:
+            topk = self.widest_within(b).clamp(min=0)
+            return topk, topk, torch.full_like(b, NEVER)
         grid = torch.tensor([r[0] for r in rows], dtype=torch.float64)
         index = (torch.searchsorted(grid, b.double().cpu() + 1e-6, right=True) - 1).clamp(min=0)
-        picked = torch.tensor([rows[i][1:] for i in index.tolist()], dtype=torch.float64)
-        probe, target, tau = picked[:, 0].long(), picked[:, 1].long(), picked[:, 2].float()
-        probe, target, tau = probe.to(b.device), target.to(b.device), tau.to(b.device)
-        if plan.policy == "cap":
-            ratios = torch.tensor(self.level_costs(self.input_size, self.input_size)[1],
-                                  dtype=torch.float64, device=b.device)
-            target = torch.minimum(target, self.widest_within(b, ratios[probe].cpu()))
-            usable = (target > probe) & (ratios[probe] <= b.double() + 1e-6)
-            return (torch.where(usable, probe, topk), torch.where(usable, target, topk),
-                    torch.where(usable, tau, never))
-        return probe, target, tau
+        picked = torch.tensor([rows[i][1:] for i in index.tolist()], dtype=torch.float64).to(b.device)
+        return picked[:, 0].long(), picked[:, 1].long(), picked[:, 2].float()
 
     def level_plan(self, plan: BudgetPlan, levels: torch.Tensor) -> BudgetPlan:
         """The plan with every image's counts those of its level."""

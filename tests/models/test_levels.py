@@ -20,7 +20,7 @@ RUNTIMES = ["torch"] + (["openvino"] if openvino_available() else [])
 def ranked(cascade: list | None = None):
     """A small ranked FastNet (4 levels) with trained-looking BN; with cascade rows if given."""
     torch.manual_seed(0)
-    model = randomize_bn(create_model("acs_ranked_fastnet", widths=(16, 32, 32),
+    model = randomize_bn(create_model("acs_ranked_fastnet", widths=(32, 64, 64),
                                       levels=(0.25, 0.5, 0.75, 1.0))).eval()
     if cascade is not None:
         table = model.uniform_table()
@@ -79,9 +79,10 @@ def test_order_channels_keeps_the_dense_function_and_ranks_prefixes():
 def test_variant_executor_equals_the_masked_reference(runtime, policy):
     model = ranked()
     x = images(16)
+    rows = [[model.table.floor, 0, 3, median_tau(model, x)], [0.5, 1, 3, median_tau(model, x, 1)],
+            [1.0, 3, 3, NEVER_TAU]]
     model.table = CalibrationTable(**{**model.uniform_table().to_dict(), "extra": {
-        "cascade": [[model.table.floor, 0, 3, median_tau(model, x)], [0.5, 1, 3, median_tau(model, x, 1)],
-                    [1.0, 3, 3, NEVER_TAU]]}})
+        "cascade": {"threshold": rows, "cap": rows}}})
     budget = torch.linspace(0.1, 1.0, 16)
     with torch.no_grad():
         expected, ref = model(x, budget=budget, policy=policy, return_info=True)
@@ -102,7 +103,7 @@ def test_threshold_escalates_the_uncertain_images_and_charges_the_probe():
     x = images(32)
     tau = median_tau(model, x)
     model.table = CalibrationTable(**{**model.uniform_table().to_dict(),
-                                      "extra": {"cascade": cascade_rows(model, tau)}})
+                                      "extra": {"cascade": {"threshold": cascade_rows(model, tau)}}})
     with torch.no_grad():
         probe = model.variant(0)(x).softmax(1)
     uncertain = 1 - probe.amax(1) >= tau
@@ -119,12 +120,20 @@ def test_threshold_escalates_the_uncertain_images_and_charges_the_probe():
 def test_cap_never_exceeds_the_budget_and_topk_is_the_widest_level_within_it():
     model = ranked()
     x = images(32)
-    model.table = CalibrationTable(**{**model.uniform_table().to_dict(),
-                                      "extra": {"cascade": cascade_rows(model, median_tau(model, x))}})
+    data = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    logits = level_logits(model, data, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    u = 1 - logits[0].softmax(1).amax(1)
+    # the narrowest level is right where it is confident, the widest elsewhere
+    labels = torch.where(u < u.median(), logits[0].argmax(1), logits[-1].argmax(1))
+    grid = [model.table.floor, *[b / 20 for b in range(2, 21)]]
+    cap = fit_cascade(ratios(model), logits, labels, grid, cap=True)
+    assert any(t > p for _, p, t, _ in cap)  # some budgets escalate
+    model.table = CalibrationTable(**{**model.uniform_table().to_dict(), "extra": {
+        "cascade": {"threshold": cascade_rows(model, median_tau(model, x)), "cap": cap}}})
     executor = VariantExecutor(model, "torch")
     for b in torch.linspace(0.0, 1.0, 21).tolist():
-        _, cap = executor(x, budget=b, policy="cap", return_info=True)
-        assert (cap.cost.ratio <= max(b, model.floor()) + 1e-9).all()
+        _, info = executor(x, budget=b, policy="cap", return_info=True)
+        assert (info.cost.ratio <= max(b, model.floor()) + 1e-9).all()
         _, topk = executor(x, budget=b, policy="topk", return_info=True)
         widest = max(i for i, r in enumerate([0.0, *ratios(model)]) if r <= max(b, model.floor()) + 1e-9)
         assert (topk.cost.ratio == ratios(model)[widest - 1]).all()
@@ -145,6 +154,8 @@ def test_fit_cascade_tracks_each_budget_with_the_best_pair():
     costs = [0.1, 0.5, 1.0]
     rows = fit_cascade(costs, logits, labels, [0.1, 0.3, 0.6, 1.0])
     assert rows[0][1:3] == [0, 0]  # only the narrowest level fits
+    for b, p, t, _ in fit_cascade(costs, logits, labels, [0.3, 0.6, 0.9], cap=True):
+        assert costs[p] + (costs[t] if t > p else 0) <= b
     assert rows[-1] == [1.0, 2, 2, NEVER_TAU]  # the full budget runs the full network
     for b, p, t, tau in rows[1:-1]:
         u = 1 - logits[p].softmax(1).amax(1)

@@ -19,11 +19,12 @@ RUNTIMES = ["torch"] + (["openvino"] if openvino_available() else [])
 def ranked():
     """A small ranked FastNet with a cascade from its narrowest level to its widest."""
     torch.manual_seed(0)
-    model = randomize_bn(create_model("acs_ranked_fastnet", widths=(16, 32, 32),
+    model = randomize_bn(create_model("acs_ranked_fastnet", widths=(32, 64, 64),
                                       levels=(0.25, 0.5, 0.75, 1.0))).eval()
     table = model.uniform_table()
     model.table = CalibrationTable(table.budgets, table.taus, table.counts, table.floor, "cascade",
-                                   {"cascade": [[table.floor, 0, 3, 0.2], [1.0, 3, 3, 2.0]]})
+                                   {"cascade": {"threshold": [[table.floor, 0, 3, 0.2], [1.0, 3, 3, 2.0]],
+                                                "cap": [[table.floor, 0, 0, 2.0], [0.6, 0, 1, 0.2]]}})
     return model
 
 
