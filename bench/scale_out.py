@@ -12,7 +12,7 @@ bounded in time and count.
     OMP_NUM_THREADS=1 python bench/scale_out.py --replicas 1 2 --json scale_out.json
 
 Every replica serves the shipped checkpoints (`weights/`, or --weights); the clients post to
---model (the shipped default, acs_fastnet).
+--model (the shipped default, acs_ranked_fastnet).
 """
 
 from __future__ import annotations
@@ -208,7 +208,7 @@ def main(argv=None) -> int:
                         help="replica counts to measure (this machine: as many as its cores)")
     parser.add_argument("--weights", default=str(ROOT / "weights"),
                         help="folder of checkpoint folders every replica serves")
-    parser.add_argument("--model", default="acs_fastnet", help="the model the clients post to")
+    parser.add_argument("--model", default="acs_ranked_fastnet", help="the model the clients post to")
     parser.add_argument("--budgets", nargs="+", type=float, default=[1.0, 0.75, 0.5, 0.25])
     parser.add_argument("--policy", default="topk")
     parser.add_argument("--concurrency", type=int, default=16, help="clients, for every N")

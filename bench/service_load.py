@@ -1,7 +1,7 @@
 """Service latency and throughput under closed- and open-loop load, and the HTTP layer's overhead.
 
 Starts `python -m service` on a loopback port on --weights (the shipped ones by default) and
-loads --model (the shipped default, acs_fastnet, under --policy threshold), then:
+loads --model (the shipped default, acs_ranked_fastnet, under --policy threshold), then:
 
 - closed loop: for each budget and concurrency, that many clients each send one 32x32 image
   at a time for --duration seconds. --client httpx (in-process) and hey POST the PNG to
@@ -12,8 +12,8 @@ loads --model (the shipped default, acs_fastnet, under --policy threshold), then
   on a fixed schedule (Poisson arrivals by default) whatever it answers, each with a client
   timeout (--timeout, also sent as the request's deadline): past saturation it should refuse
   the excess at once (503) rather than let requests time out.
-- the HTTP overhead: a bare compact-executor call on the same preprocessed image in this
-  process, against the client-seen p50 at concurrency 1.
+- the HTTP overhead: a bare call of the model's executor (as the server runs it) on the same
+  preprocessed image in this process, against the client-seen p50 at concurrency 1.
 
     OMP_NUM_THREADS=1 python bench/service_load.py --json service_load.json --plot service_load.png
     OMP_NUM_THREADS=1 python bench/service_load.py --client hey --rates
@@ -43,7 +43,8 @@ from load_clients import closed_loop, hey_closed_loop, open_loop, perf_analyzer_
 
 from models.core.budget import POLICIES
 from models.core.checkpoint import load_checkpoint
-from models.core.registry import compact
+from models.core.engine import VariantExecutor, executor_for
+from models.core.precision import serving_dtype
 from service.config import from_env
 from service.imaging import preprocess
 
@@ -53,9 +54,13 @@ CLOSED_QUEUE_SIZE = 1024  # closed loop: never full, clients wait for their answ
 
 
 def bare_call_ms(checkpoint, budget: float, policy: str, image: bytes) -> float:
-    """Median time of the compact executor on one preprocessed image, in this process."""
-    executor = compact(checkpoint.model)
+    """Median time of the model's executor (engine and precision as served) on one
+    preprocessed image, in this process."""
+    dtype = serving_dtype("auto", torch.device("cpu"), checkpoint.manifest)
+    executor = executor_for(checkpoint.model, "cpu", dtype)
     x = preprocess([image], checkpoint.manifest, MAX_PIXELS)
+    if not isinstance(executor, VariantExecutor):
+        x = x.to(dtype)
     return median_ms(lambda: executor(x, budget=budget, policy=policy))
 
 
@@ -245,7 +250,7 @@ def plot(closed: list[dict], opened: list[dict], path: str) -> None:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--weights", default=str(WEIGHTS), help="checkpoint folders (default: shipped)")
-    parser.add_argument("--model", default="acs_fastnet")
+    parser.add_argument("--model", default="acs_ranked_fastnet")
     parser.add_argument("--budgets", nargs="+", type=float, default=[1.0, 0.5])
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 2, 4, 8, 16, 32, 64])
     parser.add_argument("--client", choices=["httpx", "hey", "perf_analyzer"], default="httpx",

@@ -190,7 +190,7 @@ def windows(log: list, memory: list, window: float, seconds: float) -> list[dict
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--weights", default=str(ROOT / "weights"))
-    p.add_argument("--models", nargs="+", default=["acs_fastnet", "fastnet"])
+    p.add_argument("--models", nargs="+", default=["acs_ranked_fastnet", "fastnet"])
     p.add_argument("--minutes", type=float, default=20)
     p.add_argument("--warmup", type=float, default=3, help="minutes of the load before measuring")
     p.add_argument("--load", type=float, default=0.8, help="share of the measured capacity")

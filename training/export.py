@@ -107,13 +107,32 @@ def wall_time(config: dict, history: list[dict]) -> str:
     return f"{', '.join(parts)} ({log[-1]['hardware']}){clocks}"
 
 
+def levels_section(model) -> list[str]:
+    """A width-level network's levels (MACs, calibration top-1) and how budgets route; none
+    for other networks."""
+    extra = model.table.extra
+    if "level_top1" not in extra:
+        return []
+    ratios = model.level_costs(model.input_size, model.input_size)[1]
+    lines = ["", "## Width levels", "", "Each level is a dense network of every layer's channel prefix, "
+             "compiled whole by the serving runtime. `topk` runs the widest level within the budget; "
+             "`threshold` and `cap` run a calibrated confidence cascade (a probe level, then a wider "
+             "level for the uncertain images; `cap` only pairs levels whose costs add up to at most "
+             "the budget).", "", "| level | width | MACs/dense | top-1, calibration split (%) |",
+             "| ---: | ---: | ---: | ---: |"]
+    rows = zip(model.config.levels, ratios, extra["level_top1"], strict=True)
+    lines += [f"| {i} | {w:g} | {r:.3f} | {100 * t:.2f} |" for i, (w, r, t) in enumerate(rows)]
+    return lines
+
+
 def model_card(name: str, config: dict, progress: dict, model, result: dict | None) -> str:
     train, data = config["train"], config["data"]
     last = progress["history"][-1] if progress["history"] else {}
     dense = model.count_cost([0] * len(model.gated_totals())).dense
+    gate = f", gate `{config['model']['gate']}`" if "gate" in config["model"] else ""
     lines = [
         f"# {name}", "",
-        f"`{train['arch']}` ({config['architecture']}, gate `{config['model'].get('gate')}`), trained "
+        f"`{train['arch']}` ({config['architecture']}{gate}), trained "
         f"with `acs-train` on {data['name']}: {data['train_images']} training images; "
         f"{data['calibration_images']} more held out of train for validation and calibration.", "",
         "| | |", "| --- | --- |",
@@ -130,6 +149,7 @@ def model_card(name: str, config: dict, progress: dict, model, result: dict | No
     ]
     if train.get("limit"):
         lines.append(f"| **subset** | every split capped at {train['limit']} images: a smoke run |")
+    lines += levels_section(model)
     if result:
         lines += ["", f"## Accuracy and executed MACs on the test split ({result['images']} images)", "",
                   markdown_table(result), f"![accuracy vs MACs]({PLOT})"]

@@ -88,14 +88,14 @@ def test_variant_executor_equals_the_masked_reference(runtime, policy):
         expected, ref = model(x, budget=budget, policy=policy, return_info=True)
     executor = VariantExecutor(model, runtime)
     logits, info = executor(x, budget=budget, policy=policy, return_info=True)
-    # OpenVINO may compute in its own order (float32): the same decisions, close logits
-    assert torch.allclose(logits, expected, atol=1e-4 if runtime == "torch" else 5e-2)
+    # OpenVINO computes in its own order (float32): the same decisions, logits within 1e-3
+    assert torch.allclose(logits, expected, atol=1e-4 if runtime == "torch" else 1e-3)
     assert torch.equal(info.cost.executed, ref.cost.executed)
     assert torch.equal(info.cost.gates, ref.cost.gates)
     for got, want in zip(info.masks, ref.masks, strict=True):
         assert torch.equal(got, want > 0)
     alone = executor(x, budget=budget, policy=policy, per_sample=True)
-    assert torch.allclose(alone, logits, atol=1e-4 if runtime == "torch" else 5e-2)
+    assert torch.allclose(alone, logits, atol=1e-4 if runtime == "torch" else 1e-3)
 
 
 def test_threshold_escalates_the_uncertain_images_and_charges_the_probe():
@@ -186,7 +186,7 @@ def test_the_dense_baseline_runs_as_one_variant(runtime):
     logits, info = executor(x, budget=0.3, return_info=True)
     with torch.no_grad():
         expected = model(x)
-    assert torch.allclose(logits, expected, atol=1e-4 if runtime == "torch" else 5e-2)
+    assert torch.allclose(logits, expected, atol=1e-4 if runtime == "torch" else 1e-3)
     assert (info.cost.ratio == 1.0).all() and (info.cost.gates == 0).all()
 
 
