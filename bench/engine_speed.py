@@ -4,9 +4,10 @@ Side by side in one process, timed round-robin (1 thread by default), at batch 1
 
 - ours: the model as the server runs it (`executor_for`: its variants in OpenVINO on the
   CPU, the confidence cascade under --policy), at each of --budgets, on real images
-  (samples/cifar10-jpeg-test, so the cascade routes as it does on photos);
+  (samples/cifar10-jpeg-test; each call takes the next photos, so a cascade is timed over
+  the mix of photos it stops early and escalates);
 - dense: its manifest's `dense_baseline` compiled whole in OpenVINO at its best precision
-  (the one `dtype=auto` serves it in);
+  (the one `dtype=auto` serves it in), called bare (no routing, no accounting);
 - slice@b: the dense baseline's own uniform width slice with the MACs our model executes at
   budget b, compiled whole: the limit a budget can reach at that cost.
 
@@ -15,6 +16,7 @@ Then the budget contract on requests of 32 images: under threshold the mean exec
 within 0.02 of each budget from 0.25 to 0.75, under cap no image above it.
 
     OMP_NUM_THREADS=1 python bench/engine_speed.py --json engine.json
+    OMP_NUM_THREADS=1 python bench/engine_speed.py --data ~/.cache/acs-serve/cifar10-jpeg-32px.safetensors
     OMP_NUM_THREADS=1 python bench/engine_speed.py --model acs_ranked_fastnet --budgets 1 0.5 0.25
 """
 
@@ -40,6 +42,7 @@ from models.core.engine import (
     openvino_available,
 )
 from models.core.precision import serving_dtype
+from models.core.registry import create_model
 from models.networks.fastnet import FastVariant
 from service.imaging import preprocess
 
@@ -49,23 +52,43 @@ TARGET = 1.15  # ours over the dense model (budget 1.0) or its slice of the same
 TRACK = 0.02  # threshold: mean executed ratio within this of the budget
 
 
-def sample_images(manifest: dict, n: int) -> torch.Tensor:
-    """The first n shipped sample photos (repeated if fewer), preprocessed as served."""
-    files = sorted(SAMPLES.glob("*.jpg"))
-    x = preprocess([f.read_bytes() for f in files], manifest, 10**8)
-    return x.repeat((n + len(x) - 1) // len(x), 1, 1, 1)[:n]
+def sample_images(manifest: dict) -> torch.Tensor:
+    """The shipped sample photos, preprocessed as served."""
+    return preprocess([f.read_bytes() for f in sorted(SAMPLES.glob("*.jpg"))], manifest, 10**8)
 
 
-def slice_counts(dense, ratio: float) -> list[int]:
-    """Per-layer channels of the dense FastNet's uniform width slice closest to a MAC ratio."""
-    widths = [w for w in dense.config.widths for _ in range(2)]
+def test_images(data: str, manifest: dict) -> torch.Tensor:
+    """The test split of a dataset (its cache), normalized as the model was trained."""
+    from training.data import load_dataset, normalize
+
+    dataset = load_dataset(data)
+    return normalize(dataset.test_x, manifest["input"]["mean"], manifest["input"]["std"])
+
+
+def rotating(images: torch.Tensor, n: int):
+    """A function giving the next batch of n images on each call (wrapping around), so that a
+    cascade is timed over many photos, not one."""
+    batches = [images[i : i + n].contiguous() for i in range(0, len(images) - n + 1, n)]
+    state = {"i": -1}
+
+    def next_batch() -> torch.Tensor:
+        state["i"] = (state["i"] + 1) % len(batches)
+        return batches[state["i"]]
+    return next_batch
+
+
+def slice_counts(dense, ratio: float) -> tuple[list[int], float]:
+    """Per-layer channels of the dense FastNet's uniform width slice (in eighths of a 32nd)
+    whose MAC ratio is closest to `ratio`, and that ratio."""
+    size = dense.input_size
+    full = dense.macs([], size, size).dense
     best = None
-    for eighths in range(1, 33):
-        counts = [max(8, round(w * eighths / 32 / 8) * 8) for w in widths]
-        cost = float(dense.count_cost(counts).ratio[0])
+    for step in range(1, 33):
+        widths = tuple(max(8, round(w * step / 32 / 8) * 8) for w in dense.config.widths)
+        cost = create_model("fastnet", widths=widths, block=8).macs([], size, size).dense / full
         if best is None or abs(cost - ratio) < abs(best[1] - ratio):
-            best = (counts, cost)
-    return best[0]
+            best = ([w for w in widths for _ in range(2)], cost)
+    return best
 
 
 def rss_mib() -> float:
@@ -96,34 +119,32 @@ def run(args) -> dict:
     cpu = torch.device("cpu")
     ours_dtype = serving_dtype("auto", cpu, manifest)
     dense_dtype = serving_dtype("auto", cpu, dense_ckpt.manifest)
-    images = sample_images(manifest, max(args.batches))
+    images = sample_images(manifest)
     load = {}
     ours, load[args.model] = loaded(checkpoint.model, ours_dtype, images, args)
     dense, load[dense_name] = loaded(dense_ckpt.model, dense_dtype, images, args)
     precision = "bf16" if dense_dtype == torch.bfloat16 else "f32"
 
     # the MACs ours executes at each budget, on these images
-    executed = {}
-    for b in args.budgets:
-        _, info = ours(images[:32], budget=b, policy=args.policy, return_info=True)
-        executed[b] = float(info.cost.ratio.mean())
+    executed = {b: float(ours(images, budget=b, policy=args.policy, return_info=True)[1].cost.ratio.mean())
+                for b in args.budgets}
     slices = {}
     for b in args.budgets:
         if b < 1.0:
-            counts = slice_counts(dense_ckpt.model, executed[b])
+            counts, ratio = slice_counts(dense_ckpt.model, executed[b])
             module = FastVariant(dense_ckpt.model, counts).eval()
             runtime = (OpenVINORuntime([module], dense_ckpt.model.input_size, precision, args.threads)
                        if engine_name(dense) == "openvino" else TorchRuntime([module], dense_dtype))
-            slices[b] = (runtime, float(dense_ckpt.model.count_cost(counts).ratio[0]))
+            slices[b] = (runtime, ratio)
 
     rows = []
     for n in args.batches:
-        x = images[:n].contiguous()
-        calls = {("dense", 1.0): lambda x=x: dense(x)}
+        x = rotating(images, n)
+        calls = {("dense", 1.0): lambda x=x: dense.runtime(0, x())}  # the compiled model, bare
         for b in args.budgets:
-            calls[("ours", b)] = lambda x=x, b=b: ours(x, budget=b, policy=args.policy)
+            calls[("ours", b)] = lambda x=x, b=b: ours(x(), budget=b, policy=args.policy)
             if b in slices:
-                calls[("slice", b)] = lambda x=x, b=b: slices[b][0](0, x)
+                calls[("slice", b)] = lambda x=x, b=b: slices[b][0](0, x())
         ms = round_robin_ms(calls, runs=args.runs)
         for b in args.budgets:
             ref, ref_name, ref_ratio = ((ms[("dense", 1.0)], "dense", 1.0) if b >= 1.0 else
@@ -136,9 +157,8 @@ def run(args) -> dict:
                          "vs_reference": round(ratio, 3), "met": ratio <= TARGET})
 
     tracking = []
-    batches = images.new_empty(0, *images.shape[1:])
-    if len(images) >= 32:
-        batches = images[: len(images) // 32 * 32].view(-1, 32, *images.shape[1:])
+    contract = test_images(args.data, manifest) if args.data else images
+    batches = contract[: len(contract) // 32 * 32].view(-1, 32, *contract.shape[1:])
     for b in [round(0.25 + 0.05 * i, 2) for i in range(11)]:
         row = {"budget": b}
         for policy in ("threshold", "cap"):
@@ -152,6 +172,7 @@ def run(args) -> dict:
             "model": args.model, "engine": engine_name(ours), "dtype": str(ours_dtype),
             "dense": dense_name, "dense_engine": engine_name(dense), "dense_dtype": str(dense_dtype),
             "policy": args.policy, "images": f"{SAMPLES.relative_to(ROOT)} ({len(images)})",
+            "contract_images": f"{args.data} test split" if args.data else "the samples",
             "tracking_requests": len(batches)}
     return {"meta": meta, "load": load, "rows": rows, "tracking": tracking}
 
@@ -171,6 +192,7 @@ def print_tables(result: dict) -> None:
               f"{r['reference']} | {r['reference_ratio']:.3f} | {r['reference_ms']:.2f} | "
               f"{r['vs_reference']:.2f} | {'yes' if r['met'] else 'no'} |")
     print(f"\nBudget contract, {m['tracking_requests']} requests of 32 images per budget "
+          f"({m['contract_images']}) "
           f"(threshold: mean within {TRACK}; cap: max <= budget)\n")
     print("| budget | threshold mean | threshold max | cap mean | cap max | met |")
     print("|---|---|---|---|---|---|")
@@ -188,7 +210,9 @@ def main(argv=None) -> int:
     parser.add_argument("--policy", default="threshold", choices=("threshold", "topk", "cap"))
     parser.add_argument("--runtime", default="auto", choices=("auto", "openvino", "torch"))
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--runs", type=int, default=100, help="timed calls per configuration")
+    parser.add_argument("--runs", type=int, default=200, help="timed calls per configuration")
+    parser.add_argument("--data", help="a dataset (or its cache) whose test split the budget "
+                        "contract runs on (default: the 200 sample photos)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
     if args.runtime == "openvino" and not openvino_available():

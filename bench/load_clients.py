@@ -3,6 +3,8 @@ throughput, p50/p90/p99 ms of the successful requests):
 
 - closed_loop: `concurrency` in-process httpx clients, one request in flight each;
 - hey_closed_loop: the same through `hey` (its per-request CSV);
+- wrk_closed_loop: the same through `wrk`, each connection posting the next of several bodies
+  (real photos: an input-adaptive model costs what its inputs make it cost);
 - perf_analyzer_closed_loop: Triton's perf_analyzer on the KServe v2 endpoint (its CSV);
 - open_loop: requests on a fixed schedule (Poisson or uniform arrivals) whatever the server
   answers, each with a client timeout, sorted into successes, rejections (429/503), timeouts
@@ -146,6 +148,46 @@ def hey_closed_loop(url: str, body_file: Path, concurrency: int, seconds: float,
     return parse_hey_csv(out, seconds)
 
 
+WRK_SCRIPT = """
+local bodies, next_body, content_type = {}, 0, os.getenv("WRK_CONTENT_TYPE")
+function init(args)
+  for _, path in ipairs(args) do
+    local f = assert(io.open(path, "rb")); bodies[#bodies + 1] = f:read("*a"); f:close()
+  end
+  next_body = math.random(#bodies) - 1
+end
+function request()
+  next_body = next_body % #bodies + 1
+  return wrk.format("POST", nil, {["Content-Type"] = content_type}, bodies[next_body])
+end
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("WRK %d %d %d %d %d %d %.1f %.1f %.1f\\n", summary.requests, summary.duration,
+    e.connect + e.read + e.write + e.timeout, e.status, e.timeout, 0,
+    latency:percentile(50), latency:percentile(90), latency:percentile(99)))
+end
+"""
+
+
+def wrk_closed_loop(url: str, bodies: list[Path], concurrency: int, seconds: float,
+                    content_type: str, timeout: float = 60) -> dict:
+    """`wrk` with `concurrency` connections (one request in flight each) POSTing `bodies` in
+    turn; latency percentiles over every request (wrk does not split out errors)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        script = Path(tmp) / "bodies.lua"
+        script.write_text(WRK_SCRIPT)
+        cmd = [tool("wrk"), "-t", "1", "-c", str(concurrency), "-d", f"{seconds:g}s",
+               "--timeout", f"{timeout:g}s", "-s", str(script), url, "--", *map(str, bodies)]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=seconds + timeout + 30,
+                             env={"WRK_CONTENT_TYPE": content_type, "PATH": "/usr/bin:/bin"}).stdout
+    fields = next(line for line in out.splitlines() if line.startswith("WRK ")).split()[1:]
+    requests, micros, transport, status, timeouts = map(int, fields[:5])
+    p50, p90, p99 = (float(v) / 1e3 for v in fields[6:9])
+    errors = {k: v for k, v in {"non-2xx": status, "transport": transport, "timeout": timeouts}.items() if v}
+    return {"ok": requests - status - transport, "errors": errors, "throughput": requests / (micros / 1e6),
+            "p50_ms": p50, "p90_ms": p90, "p99_ms": p99}
+
+
 def parse_perf_analyzer_csv(text: str) -> list[dict]:
     """Rows from `perf_analyzer -f` (latencies in microseconds), one per concurrency."""
     rows = []
@@ -179,6 +221,6 @@ def tool(name: str) -> str:
     """The path of an external load generator, or a clear error when it is missing."""
     path = shutil.which(name)
     if path is None:
-        raise FileNotFoundError(f"{name} not found on PATH (hey: apt-get install hey; perf_analyzer: "
-                                "see bench/service_load.py)")
+        raise FileNotFoundError(f"{name} not found on PATH (hey, wrk: apt-get install hey wrk; "
+                                "perf_analyzer: see bench/service_load.py)")
     return path

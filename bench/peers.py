@@ -11,12 +11,14 @@ maxBatchDelay). acs-serve also serves the budget-native model (--acs, the shippe
 `acs_ranked_fastnet`) at --budgets under --policy (threshold), as it serves it (its width
 levels in OpenVINO). The peers decode and preprocess exactly as acs-serve does (service/imaging).
 
-Servers run one at a time, each logging warnings only. Each is driven by `hey` (a closed loop of
---concurrency clients, each posting one 32x32 PNG as a raw image/png body) for --duration seconds
-per concurrency, after a --warmup at the highest one. "Where the time goes" times, in this
-process and round-robin before any server starts, the preprocessing and the bare model call each
-server makes for one image; overhead = the HTTP p50 at concurrency 1 minus both (HTTP, queues,
-batching, process hops, the load generator).
+Servers run one at a time, each logging warnings only. Each is driven by `wrk` (a closed loop of
+--concurrency connections, each posting the next of the 200 sample photos in
+samples/cifar10-jpeg-test as a raw image/jpeg body: an input-adaptive model costs what its
+inputs make it cost) for --duration seconds per concurrency, after a --warmup at the highest
+one. The multi-image load posts multipart bodies of --multi consecutive photos. "Where the
+time goes" times, in this process and round-robin before any server starts, the preprocessing
+and the bare model call each server makes for one photo (the photos in turn); overhead = the
+HTTP p50 at concurrency 1 minus both (HTTP, queues, batching, process hops, the load generator).
 Goals (issue 26), against FastAPI + OpenVINO: at concurrency 1 our p50 over its p50 at most
 LATENCY_GOALS[budget]; at concurrency 16 our req/s over its req/s at least
 THROUGHPUT_GOALS[budget]. Then acs-serve alone, --multi-clients clients each posting
@@ -27,7 +29,7 @@ least MULTI_GOAL.
     OMP_NUM_THREADS=1 python bench/peers.py --peers fastapi-openvino --duration 5
     OMP_NUM_THREADS=1 python bench/peers.py --dense densenet40 --acs acs_densenet40 --budgets 1.0 0.5
 
-Needs `hey` (apt-get install hey); a peer that is not installed (pip install litserve
+Needs `wrk` (apt-get install wrk); a peer that is not installed (pip install litserve
 torchserve torch-model-archiver; TorchServe also needs Java 17) is skipped with the reason.
 Linux: stopping a peer checks /proc that no process of its group (Java, workers) is left.
 """
@@ -59,7 +61,7 @@ from common import (
     stop,
     stop_group,
 )
-from load_clients import hey_closed_loop
+from load_clients import wrk_closed_loop
 from peer_servers.classifier import Classifier
 
 from models.core.budget import POLICIES
@@ -68,6 +70,7 @@ from models.core.engine import VariantExecutor, executor_for
 from models.core.precision import serving_dtype
 
 PEER_DIR = Path(__file__).resolve().parent / "peer_servers"
+PHOTOS = sorted((Path(__file__).resolve().parents[1] / "samples" / "cifar10-jpeg-test").glob("*.jpg"))
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
 PEERS = ("fastapi-openvino", "litserve", "torchserve")
@@ -124,7 +127,7 @@ def start_litserve(weights: Path, args) -> Callable:
         cmd = [sys.executable, str(PEER_DIR / "litserve_app.py"), "--weights", str(weights),
                "--port", str(port), "--threads", str(args.threads),
                "--max-batch-size", str(args.max_batch_size),
-               "--batch-timeout", str(args.batch_delay_ms / 1000)]
+               "--batch-timeout", str(max(args.batch_delay_ms, 1) / 1000)]  # at 0 it busy-polls
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
         return subprocess.Popen(cmd, env=env, cwd=folder, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
@@ -236,25 +239,32 @@ def servers(weights: Path, args, skipped: dict) -> list[Server]:
     return out
 
 
-def bare_ms(weights: Path, image: bytes, args) -> dict:
-    """In this process, round-robin: median ms of preprocessing the image ("preprocess") and of
-    each server's model call on it ((acs-serve or peer, model, budget))."""
+def bare_ms(weights: Path, args) -> dict:
+    """In this process, round-robin: median ms of preprocessing a photo ("preprocess") and of
+    each server's model call on one ((acs-serve or peer, model, budget)), the photos in turn."""
     peer = Classifier(weights / args.dense, args.threads)  # LitServe's and TorchServe's code path
-    x = peer.preprocess(image)[None]
-    calls = {"preprocess": lambda: peer.preprocess(image),
-             ("peer", args.dense, 1.0): lambda: peer.predict(x)}
+    bodies = [p.read_bytes() for p in PHOTOS]
+    inputs = [peer.preprocess(b)[None] for b in bodies]
+    turn = {"i": 0}
+
+    def x() -> torch.Tensor:
+        turn["i"] = (turn["i"] + 1) % len(inputs)
+        return inputs[turn["i"]]
+
+    calls = {"preprocess": lambda: peer.preprocess(bodies[turn["i"]]),
+             ("peer", args.dense, 1.0): lambda: peer.predict(x())}
     if util.find_spec("openvino"):
         from peer_servers.fastapi_openvino import compile_dense
 
         request = compile_dense(str(weights / args.dense), args.threads)[1]
-        calls[(REFERENCE, args.dense, 1.0)] = lambda: request.infer(x.numpy(), share_inputs=True)
+        calls[(REFERENCE, args.dense, 1.0)] = lambda: request.infer(x().numpy(), share_inputs=True)
     for model, budget in ours(args):
         checkpoint = load_checkpoint(weights / model)
         dtype = serving_dtype("auto", torch.device("cpu"), checkpoint.manifest)  # as served
         executor = executor_for(checkpoint.model, torch.device("cpu"), dtype, "auto", args.threads)
-        xd = x if isinstance(executor, VariantExecutor) else x.to(dtype)
+        cast = torch.float32 if isinstance(executor, VariantExecutor) else dtype
         calls[("acs-serve", model, budget)] = (
-            lambda e=executor, xd=xd, b=budget: torch.softmax(e(xd, budget=b, policy=args.policy), 1))
+            lambda e=executor, c=cast, b=budget: torch.softmax(e(x().to(c), budget=b, policy=args.policy), 1))
     return round_robin_ms(calls)
 
 
@@ -275,14 +285,20 @@ def where_time_goes(rows: list[dict], bare: dict) -> list[dict]:
     return out
 
 
-def multipart(image: bytes, count: int, folder: Path) -> tuple[Path, str]:
-    """A multipart/form-data body of `count` copies of the image (field "file") and its type."""
-    boundary = "acsbenchboundary"
-    part = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="x.png"\r\n'
-            "Content-Type: image/png\r\n\r\n").encode() + image + b"\r\n"
-    path = folder / f"body-{count}.multipart"
-    path.write_bytes(part * count + f"--{boundary}--\r\n".encode())
-    return path, f"multipart/form-data; boundary={boundary}"
+BOUNDARY = "acsbenchboundary"
+
+
+def multipart(photos: list[Path], count: int, folder: Path) -> list[Path]:
+    """multipart/form-data bodies (field "file") of `count` consecutive photos each."""
+    paths = []
+    for i in range(0, len(photos) - count + 1, count):
+        parts = [(f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="{p.name}"\r\n'
+                  "Content-Type: image/jpeg\r\n\r\n").encode() + p.read_bytes() + b"\r\n"
+                 for p in photos[i : i + count]]
+        path = folder / f"body-{count}-{i}.multipart"
+        path.write_bytes(b"".join(parts) + f"--{BOUNDARY}--\r\n".encode())
+        paths.append(path)
+    return paths
 
 
 def measure(server: Server, folder: Path, body: Path, args) -> list[dict]:
@@ -297,13 +313,14 @@ def measure(server: Server, folder: Path, body: Path, args) -> list[dict]:
             for target in server.targets:
                 url = f"http://127.0.0.1:{port}{target.path}"
                 wait_predict(url, image, args.start_timeout, proc)
-                send, ctype, levels = body, "image/png", args.concurrency
+                send, ctype, levels = PHOTOS, "image/jpeg", args.concurrency
                 if target.images > 1:
-                    (send, ctype), levels = multipart(image, target.images, folder), [args.multi_clients]
-                hey_closed_loop(url, send, max(levels), args.warmup, content_type=ctype)
+                    send, levels = multipart(PHOTOS, target.images, folder), [args.multi_clients]
+                    ctype = f"multipart/form-data; boundary={BOUNDARY}"
+                wrk_closed_loop(url, send, max(levels), args.warmup, ctype)
                 for c in levels:
                     load = round(os.getloadavg()[0], 2)  # the machine is shared: judge by it
-                    result = hey_closed_loop(url, send, c, args.duration, content_type=ctype)
+                    result = wrk_closed_loop(url, send, c, args.duration, ctype)
                     rows.append({"server": server.name, "model": target.model,
                                  "budget": target.budget, "concurrency": c, "loadavg_1m": load,
                                  **({"images": target.images} if target.images > 1 else {}),
@@ -413,7 +430,7 @@ def plot(rows: list[dict], path: str) -> None:
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("p99 latency (ms, log scale)")
     ax.set_ylabel("throughput (requests/s)")
-    ax.set_title("On the CPU, closed loop (hey)")
+    ax.set_title("On the CPU, closed loop (wrk, the sample photos in turn)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.savefig(path, dpi=120)
@@ -427,7 +444,7 @@ def versions() -> dict:
             out[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             out[package] = None
-    for name, cmd in {"hey": ["dpkg-query", "-W", "-f", "${Version}", "hey"],
+    for name, cmd in {"wrk": ["dpkg-query", "-W", "-f", "${Version}", "wrk"],
                       "java": ["java", "-version"]}.items():
         try:
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
@@ -442,14 +459,13 @@ def batching(args) -> dict:
     n, ms = args.max_batch_size, args.batch_delay_ms
     return {"acs-serve": f"--max-batch-size {n} --max-queue-delay-ms {ms} (from the first queued "
                          "request's arrival); one inference thread",
-            "litserve": f"LitAPI(max_batch_size={n}, batch_timeout={ms / 1000}) (from when its "
+            "litserve": f"LitAPI(max_batch_size={n}, batch_timeout={max(ms, 1) / 1000}) (from when its "
                         "loop starts collecting); 1 worker, 1 API server process",
             "torchserve": f"batchSize={n}, maxBatchDelay={ms} ms (from the batch's first job); "
                           "1 worker, 1 netty thread, 1 netty client thread"}
 
 
 def run(args) -> dict:
-    image = png_bytes()
     rows, skipped = [], {}
     with tempfile.TemporaryDirectory(prefix="acs-peers-") as tmp:
         tmp = Path(tmp)
@@ -458,8 +474,8 @@ def run(args) -> dict:
         for model in dict.fromkeys((args.dense, args.acs)):
             (weights / model).symlink_to((args.weights / model).resolve(), target_is_directory=True)
         body = tmp / "body.png"
-        body.write_bytes(image)
-        bare = bare_ms(weights, image, args)
+        body.write_bytes(png_bytes())
+        bare = bare_ms(weights, args)
         for server in servers(weights, args, skipped):
             try:
                 rows += measure(server, tmp / server.name, body, args)
@@ -473,7 +489,8 @@ def run(args) -> dict:
             "batch_delay_ms": args.batch_delay_ms, "batching": batching(args), "policy": args.policy,
             "budgets": args.budgets,
             "concurrency": args.concurrency, "duration_s": args.duration, "warmup_s": args.warmup,
-            "load_generator": "hey (closed loop, keep-alive, raw image/png body)",
+            "load_generator": "wrk (closed loop, keep-alive, the sample photos in turn as raw "
+                              "image/jpeg bodies; multipart bodies of --multi photos)",
             "weights": f"{args.weights}: {args.dense} (every server), {args.acs} (acs-serve)",
             "peer_model": "fastapi-openvino: the dense network compiled whole in OpenVINO; "
                           "litserve, torchserve: eager torch module, eval, no_grad; acs-serve: as "
@@ -499,15 +516,16 @@ def main(argv=None) -> int:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per concurrency")
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds per target, first")
     parser.add_argument("--max-batch-size", type=int, default=8)
-    parser.add_argument("--batch-delay-ms", type=int, default=1,
-                        help="longest wait for a batch to fill, every server (LitServe busy-polls at 0)")
+    parser.add_argument("--batch-delay-ms", type=int, default=0,
+                        help="longest wait for a batch to fill, every batching server (acs-serve's "
+                             "default 0; LitServe gets at least 1: it busy-polls at 0)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per server")
     parser.add_argument("--start-timeout", type=float, default=180.0, help="seconds per server")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--plot", help="write a throughput-vs-p99 PNG here")
     args = parser.parse_args(argv)
-    if shutil.which("hey") is None:
-        print("hey not found: apt-get install hey", file=sys.stderr)
+    if shutil.which("wrk") is None:
+        print("wrk not found: apt-get install wrk", file=sys.stderr)
         return 2
     if min(args.concurrency) < 1 or args.duration <= 0 or args.batch_delay_ms < 0:
         parser.error("concurrency must be >= 1, duration > 0, batch delay >= 0")

@@ -163,6 +163,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.get("/metrics", tags=["health"], response_class=PlainTextResponse,
              responses=METRICS_RESPONSE)
     async def prometheus_metrics() -> Response:
+        for served in list(state.registry.models.values()):
+            await served.batcher.settled()  # a batch answers first, then records its metrics
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     app.add_middleware(ServingMiddleware, state=state)

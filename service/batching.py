@@ -78,6 +78,7 @@ class Batcher:
         self.pool = ThreadPoolExecutor(1, thread_name_prefix=f"infer-{name}")
         self.seconds_per_image = 0.0  # moving average, for refusing hopeless deadlines
         self.task: asyncio.Task | None = None
+        self.running: asyncio.Future | None = None  # the batch on the inference thread
 
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self._loop())
@@ -136,14 +137,24 @@ class Batcher:
             batch = self._take_batch()
             for policy in dict.fromkeys(job.policy for job in batch):
                 jobs = [job for job in batch if job.policy == policy]
+                self.running = loop.run_in_executor(self.pool, self._run, jobs, policy, loop)
                 try:
-                    results = await loop.run_in_executor(self.pool, self._run, jobs, policy)
+                    await self.running
                 except Exception as e:  # a bug must fail these requests, not the server
                     self._fail(jobs, e)
-                    continue
-                for job, result in zip(jobs, results, strict=True):
-                    if not job.future.done():
-                        job.future.set_result(result)
+
+    async def settled(self) -> None:
+        """Wait for the batch in progress, if any, to finish its bookkeeping (its answers may
+        already be out): what /metrics reports then counts every answered request."""
+        if self.running is not None and not self.running.done():
+            await asyncio.wait([self.running])
+
+    @staticmethod
+    def _deliver(jobs: list[Job], results: list[JobResult]) -> None:
+        """Answer each job (on the event loop)."""
+        for job, result in zip(jobs, results, strict=True):
+            if not job.future.done():
+                job.future.set_result(result)
 
     def _fail(self, jobs: list[Job], error: Exception) -> None:
         """The model call raised: log the traceback once, answer each request with a 500."""
@@ -155,8 +166,9 @@ class Batcher:
                     500, f"model {self.name!r} failed on this batch: {type(error).__name__}; "
                     "the server logged the traceback", "inference_error"))
 
-    def _run(self, jobs: list[Job], policy: str) -> list[JobResult]:
-        """Run one batch (on the inference thread) and split the results per job."""
+    def _run(self, jobs: list[Job], policy: str, loop: asyncio.AbstractEventLoop) -> None:
+        """Run one batch (on the inference thread), hand each job its result on the event loop,
+        then record the batch's metrics (after the answers are on their way)."""
         start = time.monotonic()
         x = torch.cat([job.images for job in jobs]).to(self.device, self.dtype, non_blocking=True)
         requested = [job.budget for job in jobs for _ in range(job.size)]
@@ -168,21 +180,21 @@ class Batcher:
         effective = [float(np.format_float_positional(b)) for b in info.plan.effective.cpu().numpy()]
         elapsed = time.monotonic() - start
         n = x.shape[0]
-        self.seconds_per_image = 0.8 * self.seconds_per_image + 0.2 * elapsed / n
-        m = self.metrics
-        m.inference_seconds.labels(self.name).observe(elapsed)
-        m.batch_size.labels(self.name).observe(n)
-        m.observe_images(self.name, policy, requested, effective, cost,
-                         self.model.budget_ratio(cost).tolist())
         results, offset = [], 0
         for job in jobs:
             rows = slice(offset, offset + job.size)
             offset += job.size
-            queue_s = start - job.enqueued
-            m.queue_seconds.labels(self.name).observe(queue_s)
             results.append(JobResult(probabilities[rows], effective[rows], cost.rows(rows),
-                                     queue_s, elapsed, n))
-        return results
+                                     start - job.enqueued, elapsed, n))
+        loop.call_soon_threadsafe(self._deliver, jobs, results)
+        self.seconds_per_image = 0.8 * self.seconds_per_image + 0.2 * elapsed / n
+        m = self.metrics
+        m.inference_seconds.labels(self.name).observe(elapsed)
+        m.batch_size.labels(self.name).observe(n)
+        for result in results:
+            m.queue_seconds.labels(self.name).observe(result.queue_s)
+        m.observe_images(self.name, policy, requested, effective, cost,
+                         self.model.budget_ratio(cost).tolist())
 
     def warm_up(self, size: int) -> None:
         """Run every batch-size bucket (powers of two up to the max) once per policy path, and

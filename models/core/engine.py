@@ -108,8 +108,9 @@ class VariantExecutor:
         self.totals = model.gated_totals()
         self._costs: dict[tuple[int, int], tuple] = {}
 
-    def _level_costs(self, height: int, width: int) -> tuple[int, torch.Tensor, torch.Tensor]:
-        """(dense MACs, executed MACs per level, kept counts per level (levels, L))."""
+    def _level_costs(self, height: int, width: int) -> tuple:
+        """(dense MACs, executed MACs per level, kept counts per level (levels, L), each gated
+        layer's prefix masks per level (levels, C_l))."""
         if (height, width) not in self._costs:
             model = self.model
             if self.levels:
@@ -117,8 +118,10 @@ class VariantExecutor:
             else:
                 counts = [list(self.totals)]
             costs = [model.count_cost(c, height, width) for c in counts]
+            kept = torch.tensor(counts, dtype=torch.long).reshape(len(counts), -1)
+            masks = [prefix_mask(kept[:, i], total) for i, total in enumerate(self.totals)]
             self._costs[height, width] = (costs[0].dense, torch.tensor([int(c.executed[0]) for c in costs]),
-                                          torch.tensor(counts, dtype=torch.long).reshape(len(counts), -1))
+                                          kept, masks)
         return self._costs[height, width]
 
     @torch.no_grad()
@@ -144,12 +147,11 @@ class VariantExecutor:
             logits, final, escalated = cascade(runtime, x, probe, target, tau)
         if not return_info:
             return logits
-        dense, executed, counts = self._level_costs(*x.shape[-2:])
+        dense, executed, counts, level_masks = self._level_costs(*x.shape[-2:])
         final, escalated, probe = final.cpu(), escalated.cpu(), probe.cpu()
         spent = torch.where(escalated, executed[probe], 0)
-        kept = counts[final]
-        cost = Cost(dense, executed[final] + spent, spent, kept, list(self.totals))
-        masks = [prefix_mask(kept[:, i], total) for i, total in enumerate(self.totals)]
+        cost = Cost(dense, executed[final] + spent, spent, counts[final], list(self.totals))
+        masks = [m[final] for m in level_masks]
         if self.levels:
             plan = model.level_plan(plan, final.to(x.device))
         return logits, ForwardInfo(plan, masks, [], cost)

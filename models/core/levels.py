@@ -78,14 +78,26 @@ def cascade(run, x: torch.Tensor, probe: torch.Tensor, target: torch.Tensor, tau
     tau, target wider than probe) at their target level. `run(level, images)` -> logits.
     Returns (logits, final level (B,), escalated (B,) bool); images sharing a level run as
     one batch."""
-    logits = None
-    for level in probe.unique().tolist():
-        rows = (probe == level).nonzero().flatten()
-        out = run(level, x[rows])
-        if logits is None:
-            logits = out.new_empty(x.shape[0], *out.shape[1:])
-        logits[rows] = out
-    escalated = (target > probe) & (uncertainty(logits) >= tau.to(logits.device))
+    if x.shape[0] == 1:  # one image: no grouping, as few tensor operations as can be
+        p, t = int(probe[0]), int(target[0])
+        logits = run(p, x)
+        if t > p and float(uncertainty(logits)[0]) >= float(tau[0]):
+            return run(t, x), target, torch.ones(1, dtype=torch.bool, device=probe.device)
+        return logits, probe, torch.zeros(1, dtype=torch.bool, device=probe.device)
+    if bool((probe == probe[0]).all()):  # one probe level (a single budget): no split
+        logits = run(int(probe[0]), x)
+    else:
+        logits = None
+        for level in probe.unique().tolist():
+            rows = (probe == level).nonzero().flatten()
+            out = run(level, x[rows])
+            if logits is None:
+                logits = out.new_empty(x.shape[0], *out.shape[1:])
+            logits[rows] = out
+    wider = target > probe
+    if not bool(wider.any()):
+        return logits, probe, wider
+    escalated = wider & (uncertainty(logits) >= tau.to(logits.device))
     final = torch.where(escalated, target, probe)
     for level in target[escalated].unique().tolist():
         rows = (escalated & (target == level)).nonzero().flatten()
@@ -144,20 +156,40 @@ class LevelNetwork(GatedNetwork):
     def routes(self, plan: BudgetPlan) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(probe level, target level, tau), per image, for a plan (see the module docstring)."""
         b = plan.effective
-        rows = self.table.extra.get("cascade", {}).get(plan.policy)
-        if not rows:
-            topk = self.widest_within(b).clamp(min=0)
-            return topk, topk, torch.full_like(b, NEVER)
-        grid = torch.tensor([r[0] for r in rows], dtype=torch.float64)
-        index = (torch.searchsorted(grid, b.double().cpu() + 1e-6, right=True) - 1).clamp(min=0)
-        picked = torch.tensor([rows[i][1:] for i in index.tolist()], dtype=torch.float64).to(b.device)
+        if b.shape[0] == 1 or bool((b == b[0]).all()):  # one budget (the common case): cached
+            probe, target, tau = self.route_of(plan.policy, float(b[0]))
+            return (torch.full_like(b, probe, dtype=torch.long), torch.full_like(b, target, dtype=torch.long),
+                    torch.full_like(b, tau))
+        picked = torch.tensor([self.route_of(plan.policy, v) for v in b.tolist()], dtype=torch.float64)
+        picked = picked.to(b.device)
         return picked[:, 0].long(), picked[:, 1].long(), picked[:, 2].float()
+
+    def route_of(self, policy: str, budget: float) -> tuple[int, int, float]:
+        """(probe, target, tau) of one effective budget under a policy: the table's cascade row
+        at or below it, else the widest level within it (topk)."""
+        key = (id(self.table), policy, budget)
+        cache = self.__dict__.setdefault("_routes", {})
+        if key not in cache:
+            rows = self.table.extra.get("cascade", {}).get(policy)
+            if rows:
+                row = max([r for r in rows if r[0] <= budget + 1e-6] or rows[:1], key=lambda r: r[0])
+                cache[key] = (int(row[1]), int(row[2]), float(row[3]))
+            else:
+                level = max(int(self.widest_within(torch.tensor([budget]))[0]), 0)
+                cache[key] = (level, level, NEVER)
+        return cache[key]
 
     def level_plan(self, plan: BudgetPlan, levels: torch.Tensor) -> BudgetPlan:
         """The plan with every image's counts those of its level."""
-        counts = torch.tensor([self.level_counts(i) for i in range(self.num_levels)],
-                              device=levels.device)
-        return replace(plan, counts=counts[levels])
+        return replace(plan, counts=self.levels_counts(levels.device)[levels])
+
+    def levels_counts(self, device) -> torch.Tensor:
+        """(levels, gated layers) counts of every level, built once per device."""
+        cache = self.__dict__.setdefault("_levels_counts", {})
+        if device not in cache:
+            cache[device] = torch.tensor([self.level_counts(i) for i in range(self.num_levels)],
+                                         device=device)
+        return cache[device]
 
     def route(self, x: torch.Tensor, plan: BudgetPlan) -> tuple[BudgetPlan, torch.Tensor]:
         """The plan at each image's final level and its probe level (-1: not probed), deciding
