@@ -1,6 +1,6 @@
 """Every shipped model side by side: top-1 and mean executed MACs at budgets 1.0, 0.75, 0.5,
 0.25 and the floor (from each model's evaluation on the test split, kept in its manifest),
-the compact executor's batch-1 and batch-32 latency at each budget, all measured here in one
+the served executor's batch-1 and batch-32 latency at each budget, all measured here in one
 run, in the dtype the server serves each model in (`dtype=auto` on this machine), and the
 training time its card records.
 

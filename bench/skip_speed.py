@@ -1,6 +1,7 @@
-"""Does skipping pay? Latency of the compact executor vs budget, and vs the masked reference.
+"""Does skipping pay? Latency of the served executor vs budget, and vs the masked reference.
 
-For each model, batch size and budget: median latency of the compact executor, its ratio to
+For each model, batch size and budget: median latency of the executor the server runs (the
+compact executor; for a network of dense variants, its engine: OpenVINO on the CPU), its ratio to
 budget 1.0 and to the masked reference (which computes every channel and multiplies by the
 mask), the executed-MAC ratio, the share of time spent in the gates, and for batches the
 latency of running every sample alone (per_sample_ms) instead of batched/grouped ops. Configurations are
@@ -32,6 +33,8 @@ from common import plot_by_batch
 from models.core.allocator import keep_freed_memory
 from models.core.budget import POLICIES
 from models.core.checkpoint import load_checkpoint
+from models.core.compact import CompactExecutor
+from models.core.engine import executor_for
 from models.core.precision import DTYPES
 from models.core.registry import compact, create_model
 
@@ -56,7 +59,7 @@ class GateTimer:
 
     def __init__(self, executor, device) -> None:
         self.total = 0.0
-        for step in executor.steps:
+        for step in executor.steps if isinstance(executor, CompactExecutor) else []:
             if step.gate is not None:
                 step.gate = self._wrap(step.gate, device)
 
@@ -97,7 +100,11 @@ def measure(args) -> list[dict]:
     for name, dtype_name in [(n, d) for n in args.models for d in args.dtypes]:
         dtype = DTYPES[dtype_name]
         model, manifest = load(name, device, dtype)
-        executor = compact(model)
+        if model.variants() is not None:  # served by its engine (OpenVINO on the CPU)
+            model = model.float()
+            executor = executor_for(model, device, dtype)
+        else:
+            executor = compact(model)
         timer = GateTimer(executor, device)
         budgets = sorted({min(max(b, model.floor()), 1.0) for b in args.budgets}
                          | ({model.floor()} if model.gated else set()), reverse=True)
@@ -116,7 +123,7 @@ def measure(args) -> list[dict]:
                 x = xs[r % len(xs)]
                 if kind == "reference":
                     with torch.no_grad():
-                        return model(x, budget=b, policy=args.policy)
+                        return model(x.to(next(model.parameters()).dtype), budget=b, policy=args.policy)
                 return executor(x, budget=b, policy=args.policy, per_sample=kind == "per_sample")
 
             for c in configs:

@@ -57,3 +57,18 @@ def test_train_step_times_both_precisions(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [r["model"] for r in rows] == ["fastnet", "acs_fastnet"]
     assert all(r["fp32_s"] > 0 and r["bf16_s"] > 0 for r in rows)
+
+
+def test_engine_speed_compares_the_default_model_with_its_dense_baseline(tmp_path):
+    out = tmp_path / "engine.json"
+    run("engine_speed.py", "--runs", "3", "--batches", "1", "4", "--json", str(out))
+    result = json.loads(out.read_text())
+    assert result["meta"]["dense"] == "fastnet"
+    assert set(result["load"]) == {"acs_ranked_fastnet", "fastnet"}
+    rows = {(r["batch"], r["budget"]): r for r in result["rows"]}
+    assert set(rows) == {(b, budget) for b in (1, 4) for budget in (1.0, 0.5, 0.25)}
+    assert rows[1, 1.0]["reference"] == "dense" and rows[1, 0.5]["reference"] == "slice"
+    assert all(r["ours_ms"] > 0 and r["vs_reference"] > 0 for r in rows.values())
+    for row in result["tracking"]:  # requests of 32 of the sample photos
+        assert row["cap_max"] <= row["budget"] + 1e-6
+        assert abs(row["threshold_mean"] - row["budget"]) < 0.15
