@@ -67,7 +67,7 @@ class OpenVINORuntime:
         for module in modules:
             with warnings.catch_warnings():  # the converter traces with torch.jit (deprecated)
                 warnings.simplefilter("ignore", FutureWarning)
-                graph = ov.convert_model(module.float().eval(), example_input=example,
+                graph = ov.convert_model(module.eval(), example_input=example,
                                          input=[ov.PartialShape([-1, 3, size, size])])
             self.requests.append(core.compile_model(graph, "CPU", config).create_infer_request())
 
@@ -93,17 +93,20 @@ class VariantExecutor:
     wider one), the images of a variant in one batch, each charged its variants' MACs."""
 
     def __init__(self, model: GatedNetwork, runtime: str = "auto", dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu", threads: int | None = None) -> None:
+                 device: torch.device | str = "cpu", threads: int | None = None,
+                 modules: list[nn.Module] | None = None) -> None:
+        """`modules`: the model's variants, if the caller has built them already."""
         self.model = model.eval()
-        modules = model.variants()
+        modules = model.variants() if modules is None else modules
         self.device = torch.device(device)
         self.runtime_name = pick_runtime(runtime, self.device)
+        openvino = None
+        if self.runtime_name == "openvino":  # compiled from the float32 modules, before the
+            precision = "bf16" if dtype == torch.bfloat16 else "f32"  # fallback casts them
+            openvino = OpenVINORuntime(modules, model.input_size, precision,
+                                       threads or torch.get_num_threads() or os.cpu_count())
         self.fallback = TorchRuntime([m.to(self.device) for m in modules], dtype)
-        self.runtime = self.fallback
-        if self.runtime_name == "openvino":
-            precision = "bf16" if dtype == torch.bfloat16 else "f32"
-            self.runtime = OpenVINORuntime(modules, model.input_size, precision,
-                                           threads or torch.get_num_threads() or os.cpu_count())
+        self.runtime = openvino or self.fallback
         self.levels = isinstance(model, LevelNetwork)
         self.totals = model.gated_totals()
         self._costs: dict[tuple[int, int], tuple] = {}
@@ -113,15 +116,14 @@ class VariantExecutor:
         layer's prefix masks per level (levels, C_l))."""
         if (height, width) not in self._costs:
             model = self.model
+            dense = model.count_cost(list(self.totals), height, width)
             if self.levels:
-                counts = [model.level_counts(i) for i in range(model.num_levels)]
+                executed, kept = model.level_costs(height, width)[0], model.levels_counts(torch.device("cpu"))
             else:
-                counts = [list(self.totals)]
-            costs = [model.count_cost(c, height, width) for c in counts]
-            kept = torch.tensor(counts, dtype=torch.long).reshape(len(counts), -1)
+                executed = [int(dense.executed[0])]
+                kept = torch.tensor([self.totals], dtype=torch.long).reshape(1, -1)
             masks = [prefix_mask(kept[:, i], total) for i, total in enumerate(self.totals)]
-            self._costs[height, width] = (costs[0].dense, torch.tensor([int(c.executed[0]) for c in costs]),
-                                          kept, masks)
+            self._costs[height, width] = (dense.dense, torch.tensor(executed), kept, masks)
         return self._costs[height, width]
 
     @torch.no_grad()
@@ -166,6 +168,7 @@ def executor_for(model: GatedNetwork, device: torch.device | str = "cpu", dtype:
                  runtime: str = "auto", threads: int | None = None):
     """What serves a model: its variants on a runtime when it has them, else the torch compact
     executor (the model cast to `dtype`)."""
-    if model.variants() is not None:
-        return VariantExecutor(model, runtime, dtype, device, threads)
+    modules = model.variants()
+    if modules is not None:
+        return VariantExecutor(model, runtime, dtype, device, threads, modules)
     return CompactExecutor(model.to(dtype))

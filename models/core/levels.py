@@ -23,7 +23,6 @@ variants or a compiled runtime, so every engine decides the same way.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, replace
 
 import torch
@@ -34,6 +33,13 @@ from .budget import BudgetPlan, CalibrationTable, prefix_mask
 from .macs import Cost
 
 NEVER = float("inf")  # a tau no uncertainty reaches: never escalate
+
+
+def check_levels(name: str, levels: tuple[float, ...]) -> None:
+    """Width levels must increase from above 0 to exactly 1.0 (a config's check)."""
+    if (not levels or levels[0] <= 0 or levels[-1] != 1.0
+            or any(b <= a for a, b in zip(levels, levels[1:], strict=False))):
+        raise ValueError(f"{name} {levels} must increase from above 0 to exactly 1.0")
 
 
 @dataclass
@@ -139,12 +145,14 @@ class LevelNetwork(GatedNetwork):
         return WidthPlan.resolve(self.table, budget, policy, batch, device,
                                  minimum=tuple(self.level_counts(0)))
 
-    @functools.cache  # noqa: B019 (a network's levels and their costs never change)
     def level_costs(self, height: int, width: int) -> tuple[list[int], list[float]]:
-        """Executed MACs and budget ratios of every level at an input size."""
-        costs = [self.count_cost(self.level_counts(i), height, width) for i in range(self.num_levels)]
-        return ([int(c.executed[0]) for c in costs],
-                [float(self.budget_ratio(c)[0]) for c in costs])
+        """Executed MACs and budget ratios of every level at an input size (computed once)."""
+        cache = self.__dict__.setdefault("_level_costs", {})
+        if (height, width) not in cache:
+            costs = [self.count_cost(self.level_counts(i), height, width) for i in range(self.num_levels)]
+            cache[height, width] = ([int(c.executed[0]) for c in costs],
+                                    [float(self.budget_ratio(c)[0]) for c in costs])
+        return cache[height, width]
 
     def widest_within(self, budget: torch.Tensor, spent: torch.Tensor | float = 0.0) -> torch.Tensor:
         """(B,) the widest level whose ratio plus `spent` is <= budget (-1: none)."""
@@ -167,8 +175,8 @@ class LevelNetwork(GatedNetwork):
     def route_of(self, policy: str, budget: float) -> tuple[int, int, float]:
         """(probe, target, tau) of one effective budget under a policy: the table's cascade row
         at or below it, else the widest level within it (topk)."""
-        key = (id(self.table), policy, budget)
-        cache = self.__dict__.setdefault("_routes", {})
+        key = (policy, budget)
+        cache = self.table.__dict__.setdefault("_routes", {})  # dropped with its table
         if key not in cache:
             rows = self.table.extra.get("cascade", {}).get(policy)
             if rows:

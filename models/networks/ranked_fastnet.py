@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from ..core.levels import LevelNetwork
+from ..core.levels import LevelNetwork, check_levels
 from ..core.registry import register_model
 from ..core.units import Unit
 from .fastnet import FastHead, FastLayer, FastNet, FastNetConfig, FastVariant
@@ -45,10 +45,7 @@ class RankedFastNetConfig:
     input_size: int = 32
 
     def __post_init__(self) -> None:
-        levels = self.levels
-        if (not levels or levels[0] <= 0 or levels[-1] != 1.0
-                or any(b <= a for a, b in zip(levels, levels[1:], strict=False))):
-            raise ValueError(f"levels {levels} must increase from above 0 to exactly 1.0")
+        check_levels("levels", self.levels)
         if any(w % self.block for w in self.widths):
             raise ValueError(f"every width {self.widths} must be a multiple of block {self.block}")
 

@@ -37,7 +37,7 @@ from torch import nn
 from ..core.base import GatedNetwork
 from ..core.budget import CalibrationTable
 from ..core.folding import scale_rows
-from ..core.levels import WidthPlan, width_table
+from ..core.levels import WidthPlan, check_levels, width_table
 from ..core.macs import conv_out
 from ..core.registry import register_model
 from ..core.units import LinearHead, Step, Tally, Trace, Unit
@@ -62,10 +62,7 @@ class SlimmableResNetConfig:
     input_size: int = 32
 
     def __post_init__(self) -> None:
-        levels = self.width_levels
-        if (not levels or levels[0] <= 0 or levels[-1] != 1.0
-                or any(b <= a for a, b in zip(levels, levels[1:], strict=False))):
-            raise ValueError(f"width_levels {levels} must increase from above 0 to exactly 1.0")
+        check_levels("width_levels", self.width_levels)
 
     def to_dict(self) -> dict:
         return asdict(self)

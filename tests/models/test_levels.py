@@ -209,3 +209,19 @@ def test_openvino_bfloat16_keeps_the_decisions_of_float32():
     assert bf16.runtime.precision == "bf16"
     a, b = f32(x, budget=1.0, policy="topk"), bf16(x, budget=1.0, policy="topk")
     assert (a.argmax(1) == b.argmax(1)).float().mean() >= 0.9
+
+
+@pytest.mark.skipif(not openvino_available(), reason="openvino is not installed")
+def test_a_bfloat16_executor_runs_other_sizes_on_its_torch_fallback():
+    """OpenVINO compiles one image size; another size runs the torch variants, in the same
+    precision (compiling must not leave them in another dtype)."""
+    model = ranked()
+    x = torch.randn(2, 3, 40, 40, generator=torch.Generator().manual_seed(0))
+    executor = VariantExecutor(copy.deepcopy(model), "openvino", torch.bfloat16)
+    assert executor.runtime is not executor.fallback
+    logits, info = executor(x, budget=1.0, policy="topk", return_info=True)
+    with torch.no_grad():
+        expected = model(x, budget=1.0, policy="topk")
+    assert (logits.argmax(1) == expected.argmax(1)).all()
+    assert torch.allclose(logits, expected, atol=0.1)
+    assert (info.cost.ratio == 1.0).all()
