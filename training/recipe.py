@@ -45,8 +45,9 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
 
     Plain: no weight decay on 1-d parameters. Decoupled (`fast`): lr and weight decay are per
     1024 examples of a summed loss, scale = 1024 (1 + 1 / (1 - momentum)); for the mean loss
-    used here SGD gets lr * batch / scale and weight decay / scale; BN shifts get
-    `bias_lr_scale` times the learning rate and 1/`bias_lr_scale` of the decay.
+    used here SGD gets lr * batch / scale. The decay is decoupled from the learning rate: every
+    step shrinks each weight by lr_sgd * wd_sgd = weight_decay * batch / scale, whatever its
+    group's rate. BN shifts get `bias_lr_scale` times the learning rate (the same decay).
     """
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not cfg.decoupled:
@@ -56,14 +57,15 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
                                 {"params": no_decay, "weight_decay": 0.0}],
                                lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
     scale = 1024 * (1 + 1 / (1 - cfg.momentum))
-    lr, wd = cfg.lr * cfg.batch_size / scale, cfg.weight_decay / scale
+    lr, decay = cfg.lr * cfg.batch_size / scale, cfg.weight_decay * cfg.batch_size / scale
+    shift_lr = lr * cfg.bias_lr_scale
     norms = {id(m.bias) for m in model.modules()
              if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.bias is not None}
     shifts = [p for _, p in params if id(p) in norms]
     rest = [p for _, p in params if id(p) not in norms]
-    return torch.optim.SGD([{"params": rest, "lr": lr, "weight_decay": wd, "peak": lr},
-                            {"params": shifts, "lr": lr * cfg.bias_lr_scale,
-                             "weight_decay": wd / cfg.bias_lr_scale, "peak": lr * cfg.bias_lr_scale}],
+    return torch.optim.SGD([{"params": rest, "lr": lr, "weight_decay": decay / lr, "peak": lr},
+                            {"params": shifts, "lr": shift_lr, "weight_decay": decay / shift_lr,
+                             "peak": shift_lr}],
                            lr=lr, momentum=cfg.momentum, nesterov=True)
 
 

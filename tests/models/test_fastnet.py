@@ -163,6 +163,9 @@ def test_fast_recipe_schedule_and_optimizer():
     rest, shifts = optimizer.param_groups
     assert shifts["lr"] == pytest.approx(64 * rest["lr"])
     assert rest["lr"] == pytest.approx(11.5 * 1024 / (1024 * (1 + 1 / 0.15)))
+    # decoupled decay: every weight shrinks by weight_decay * batch / scale a step (0.2% here)
+    for group in (rest, shifts):
+        assert group["lr"] * group["weight_decay"] == pytest.approx(0.0153 * 1024 / (1024 * (1 + 1 / 0.15)))
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     assert {id(p) for g in optimizer.param_groups for p in g["params"]} == trainable
     assert id(model.whiten.weight) not in trainable  # the whitening filters stay fixed
