@@ -72,3 +72,34 @@ def test_engine_speed_compares_the_default_model_with_its_dense_baseline(tmp_pat
     for row in result["tracking"]:  # requests of 32 of the sample photos
         assert row["cap_max"] <= row["budget"] + 1e-6
         assert abs(row["threshold_mean"] - row["budget"]) < 0.15
+
+
+def test_pareto_places_the_budgets_against_the_dense_curve(tmp_path):
+    out, png = tmp_path / "pareto.json", tmp_path / "pareto.png"
+    run("pareto.py", "--dynamic", "acs_ranked_fastnet", "--dense", "fastnet", "--budgets", "1", "0.5",
+        "0.25", "--batches", "1", "4", "--runs", "2", "--json", str(out), "--plot", str(png))
+    result = json.loads(out.read_text())
+    rows = {(r["model"], r["budget"]): r for r in result["rows"]}
+    assert set(rows) == {("acs_ranked_fastnet", b) for b in (1.0, 0.5, 0.25)} | {("fastnet", 1.0)}
+    assert all(0 <= r["samples_top1"] <= 100 and r["batch1_ms"] > 0 and r["batch4_ms"] > 0
+               for r in rows.values())
+    assert rows["fastnet", 1.0]["samples_top1"] > 50  # the sample photos' labels are read right
+    for batch in ("batch1", "batch4"):
+        check = result["checks"][batch]
+        assert [c["budget"] for c in check["curve"]] == [1.0, 0.5, 0.25]
+        gain = check["gain"]  # fastnet is the reference: the points are ours minus its top-1
+        if gain["ours_top1"] is not None:
+            assert gain["points"] == round(gain["ours_top1"] - rows["fastnet", 1.0]["top1"], 2)
+    spread = {s["budget"]: s for s in result["checks"]["spread"]}
+    low, dense = rows["acs_ranked_fastnet", 0.25]["top1"], rows["fastnet", 1.0]["top1"]
+    assert spread[0.25]["met"] == (low >= dense - 2.5)
+    assert png.stat().st_size > 10_000
+
+
+def test_pareto_interpolates_the_dense_curve():
+    sys.path.insert(0, str(ROOT / "bench"))
+    from pareto import interpolate
+
+    curve = [(2.0, 90.0), (1.0, 88.0)]
+    assert interpolate(curve, 1.5) == 89.0 and interpolate(curve, 1.0) == 88.0
+    assert interpolate(curve, 0.5) is None and interpolate(curve, 3.0) is None
