@@ -57,12 +57,12 @@ def predict_openapi() -> dict:
                        for n, s in params.items()],
         "requestBody": {"required": True, "content": {
             "multipart/form-data": {"schema": {
-                "type": "object", "required": ["file"],
+                "type": "object", "required": ["file"], "additionalProperties": False,
                 "properties": {"file": {"type": "array", "items": binary, "minItems": 1,
                                         "description": "one part per image"}, **params}}},
             **{t: {"schema": binary} for t in IMAGE_TYPES},
             "application/json": {"schema": {
-                "type": "object",
+                "type": "object", "additionalProperties": False,
                 "properties": {"image": {"type": "string", "format": "byte",
                                          "description": "base64 of an encoded image"},
                                "images": {"type": "array", "minItems": 1,

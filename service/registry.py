@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from models.core.budget import POLICIES
@@ -46,6 +47,18 @@ class ServedModel:
     @property
     def default_policy(self) -> str:
         return self.manifest.get("default", {}).get("policy", "threshold")
+
+    def expected_top1(self, budget: float, policy: str) -> float | None:
+        """Top-1 on held-out data at this operating point, interpolated between the budgets the
+        manifest's evaluation measured (a dense model: its one figure, whatever the policy);
+        None where that policy or budget range was not measured."""
+        policy = policy if self.model.gated else "threshold"
+        rows = sorted((r["budget"], r["top1"]) for r in self.manifest.get("accuracy", [])
+                      if r["policy"] == policy)
+        if not rows or (self.model.gated and not rows[0][0] <= budget <= rows[-1][0]):
+            return None
+        budgets, top1 = zip(*rows, strict=True)
+        return round(float(np.interp(budget if self.model.gated else 1.0, budgets, top1)), 4)
 
     def metadata(self) -> dict:
         m = self.manifest

@@ -30,6 +30,10 @@ class Budget(BaseModel):
     requested: float
     effective: float
     policy: str
+    expected_top1: float | None = Field(description="top-1 (0..1) the model scored on held-out data "
+                                        "at this budget and policy (null: not measured)")
+    notes: list[str] = Field(description="what to know about this operating point: a dense "
+                             "model's fixed budget, a top-1 near chance, an unmeasured policy")
 
 
 class Cost(BaseModel):
@@ -66,7 +70,7 @@ async def read_images(request: Request, max_images: int) -> tuple[list[bytes], d
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "multipart/form-data":
         try:  # one part over the limits is enough to know the request is too large
-            form = await request.form(max_files=max_images + 1, max_fields=len(PARAMETERS) + 1)
+            form = await request.form(max_files=max_images + 1, max_fields=len(PARAMETERS) + 8)
         except HTTPException as e:  # starlette's parser: malformed, or too many parts
             if "too many files" in str(e.detail).lower():
                 raise too_many_images(max_images + 1, max_images) from None
@@ -76,7 +80,7 @@ async def read_images(request: Request, max_images: int) -> tuple[list[bytes], d
             raise too_many_images(len(files), max_images)
         if not files:
             raise ApiError(400, 'multipart body has no "file" field', "bad_request")
-        params = {k: form[k] for k in PARAMETERS if isinstance(form.get(k), str)}
+        params = {k: v for k, v in form.multi_items() if k != "file" and isinstance(v, str)}
         return [await f.read() for f in files], params
     if ctype.startswith("image/"):
         return [await request.body()], {}
@@ -97,14 +101,30 @@ async def read_images(request: Request, max_images: int) -> tuple[list[bytes], d
             images = [base64.b64decode(e, validate=True) for e in encoded]
         except (binascii.Error, TypeError, ValueError):
             raise ApiError(400, "image is not valid base64", "bad_request") from None
-        return images, {k: body[k] for k in PARAMETERS if k in body}
+        return images, {k: v for k, v in body.items() if k not in ("image", "images")}
     raise ApiError(415, f"unsupported content type {ctype or 'none'!r}: send multipart/form-data "
                    '(field "file"), an image/* body, or JSON {"image": "<base64>"}',
                    "unsupported_media")
 
 
-def predictions(result: JobResult, model, classes: list[str], top_k: int, requested: float,
-                policy: str) -> list[dict]:
+def operating_point(served, requested: float, policy: str) -> dict:
+    """What a request's budget and policy buy: the expected top-1 and notes on it."""
+    expected, notes = served.expected_top1(requested, policy), []
+    if not served.model.gated and requested < 1:
+        notes.append(f"{served.name} is a dense model: its budget is fixed, every image runs all of "
+                     "it (budget 1.0)")
+    chance = 1 / len(served.classes)
+    if expected is None:
+        notes.append(f"top-1 was not measured for policy {policy} at budget {requested:g}")
+    elif expected < 2 * chance:
+        notes.append(f"near chance: top-1 {100 * expected:.1f}% expected at budget {requested:g} under "
+                     f"{policy} (chance {100 * chance:.0f}%); raise the budget or use policy threshold")
+    return {"expected_top1": expected, "notes": notes}
+
+
+def predictions(result: JobResult, served, top_k: int, requested: float, policy: str) -> list[dict]:
+    model, classes = served.model, served.classes
+    point = operating_point(served, requested, policy)
     probs, index = result.probabilities.topk(min(top_k, len(classes)), 1)
     cost = result.cost
     ratio, skipped = cost.ratio.tolist(), cost.skipped_ratio.tolist()
@@ -115,7 +135,8 @@ def predictions(result: JobResult, model, classes: list[str], top_k: int, reques
         out.append({
             "top_k": [{"label": classes[j], "index": j, "probability": p}
                       for p, j in zip(probs[i].tolist(), index[i].tolist(), strict=True)],
-            "budget": {"requested": requested, "effective": result.effective[i], "policy": policy},
+            "budget": {"requested": requested, "effective": result.effective[i], "policy": policy,
+                       **point},
             "cost": {"dense_macs": cost.dense, "executed_macs": int(cost.executed[i]),
                      "executed_ratio": ratio[i], "skipped_channel_ratio": skipped[i],
                      "layer_skipped_ratio": layers[i], "budget_unit": unit,
@@ -125,15 +146,24 @@ def predictions(result: JobResult, model, classes: list[str], top_k: int, reques
 
 
 def merge_params(request: Request, body_params: dict) -> PredictParams:
-    """The parameters of the query string, where the body does not give them; both are
-    checked (an invalid value is refused even where the other one wins)."""
-    query = {k: request.query_params.getlist(k) for k in PARAMETERS if k in request.query_params}
+    """The parameters of the query string and the body, each checked; a name neither knows,
+    a name given twice in the query, or one given in both with different values is a 422."""
+    unknown = sorted({k for k in [*request.query_params, *body_params] if k not in PARAMETERS})
+    if unknown:
+        raise ApiError(422, f"unknown parameter{'s' * (len(unknown) > 1)} {', '.join(unknown)}; "
+                       f"accepted: {', '.join(PARAMETERS)}", "bad_parameter")
+    query = {k: request.query_params.getlist(k) for k in request.query_params}
     repeated = sorted(k for k, v in query.items() if len(v) > 1)
     if repeated:
         raise ApiError(422, f"{', '.join(repeated)}: given more than once in the query",
                        "bad_parameter")
     query = {k: v[0] for k, v in query.items()}
-    validate_params(query)
+    in_query, in_body = validate_params(query), validate_params(body_params)
+    conflicts = [f"{k}: {query[k]!r} in the query, {body_params[k]!r} in the body"
+                 for k in sorted(query.keys() & body_params.keys())
+                 if getattr(in_query, k) != getattr(in_body, k)]
+    if conflicts:
+        raise ApiError(422, "conflicting values: " + "; ".join(conflicts), "bad_parameter")
     return validate_params({**query, **body_params})
 
 
@@ -152,7 +182,7 @@ async def predict_with(request: Request, name: str | None) -> JSONResponse:
     total_ms = (time.perf_counter() - request.state.start) * 1e3
     return JSONResponse({
         "request_id": request.state.request_id, "model": served.name,
-        "predictions": predictions(result, served.model, served.classes, params.top_k, budget, policy),
+        "predictions": predictions(result, served, params.top_k, budget, policy),
         "timing": {"queue_ms": result.queue_s * 1e3, "inference_ms": result.inference_s * 1e3,
                    "total_ms": total_ms},
     })
@@ -162,7 +192,8 @@ PREDICT_DOC = """Classify one or more images under a compute budget.
 
 Send the image as `multipart/form-data` (field `file`, repeat it for several images), as a raw
 `image/*` body, or as JSON `{"image": "<base64>"}` (or `"images": [...]`). Parameters go in the
-query string (or in the JSON body / form fields): `budget` (0..1, fraction of the dense MACs;
+query string (or in the JSON body / form fields; a name given in both must have one value, an
+unknown name is a 422): `budget` (0..1, fraction of the dense MACs;
 default: the model's operating point), `policy` (`threshold`, `topk`, `cap`), `top_k`,
 `timeout` (seconds)."""
 
