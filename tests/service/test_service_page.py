@@ -70,6 +70,8 @@ def test_page_predicts_follows_the_slider_sweeps_and_shows_errors(browser, tmp_p
         full = api_answer(server.url, SAMPLE.read_bytes(), 1.0)["predictions"][0]
         assert text(browser, "ratio") == f"{full['cost']['executed_ratio']:.3f}"
         assert browser.find_element("css selector", "#topk li .label").text == full["top_k"][0]["label"]
+        assert text(browser, "expected").startswith(f"{100 * full['budget']['expected_top1']:.1f}%")
+        assert "fraction of the dense MACs" in browser.page_source and "floor" in text(browser, "budget-help")
 
         set_budget(browser, 0.25)
         wait(browser, lambda d: text(d, "effective") == "0.250")
@@ -86,6 +88,11 @@ def test_page_predicts_follows_the_slider_sweeps_and_shows_errors(browser, tmp_p
         if os.environ.get("ACS_PAGE_SCREENSHOT"):  # the README's screenshot
             browser.save_screenshot(os.environ["ACS_PAGE_SCREENSHOT"])
 
+        from selenium.webdriver.support.ui import Select
+
+        Select(browser.find_element("id", "model")).select_by_value("fastnet")  # a dense model
+        wait(browser, lambda d: not d.find_element("id", "budget").is_enabled())
+        assert "budget is fixed" in text(browser, "budget-help")
         bad = tmp_path / "notes.txt"
         bad.write_text("not an image")
         browser.find_element("id", "file").send_keys(str(bad))
