@@ -11,10 +11,12 @@ from pathlib import Path
 import torch
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
+from swagger_ui_bundle import swagger_ui_path
 
 from . import __version__
 from .config import Settings
@@ -121,7 +123,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         for served in state.registry.models.values():
             await served.batcher.stop()
 
-    app = FastAPI(title="acs-serve", version=__version__, lifespan=lifespan,
+    app = FastAPI(title="acs-serve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Adaptive Channel Skipping CNNs under a per-request compute budget.")
     app.state.server = state
     app.add_exception_handler(ApiError, api_error_handler)
@@ -133,6 +135,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(v2_router)
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.mount("/docs-assets", StaticFiles(directory=swagger_ui_path), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        """Swagger UI from the installed package's files: it works without the internet."""
+        return get_swagger_ui_html(openapi_url=app.openapi_url, title="acs-serve API",
+                                   swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+                                   swagger_css_url="/docs-assets/swagger-ui.css",
+                                   swagger_favicon_url="/docs-assets/favicon-32x32.png")
 
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:

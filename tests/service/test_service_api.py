@@ -381,3 +381,13 @@ def test_exif_orientation_is_applied():
     buf = io.BytesIO()
     image.save(buf, "JPEG", exif=exif)
     assert decode(buf.getvalue(), 10_000).size == (20, 40)
+
+
+def test_docs_work_offline(client):
+    page = client.get("/docs")
+    assert page.status_code == 200 and "cdn" not in page.text and "http://" not in page.text.replace(
+        "http://www.w3.org", "")
+    for asset in ("swagger-ui-bundle.js", "swagger-ui.css"):
+        assert f"/docs-assets/{asset}" in page.text
+        served = client.get(f"/docs-assets/{asset}")
+        assert served.status_code == 200 and len(served.content) > 100_000
