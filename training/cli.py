@@ -37,6 +37,7 @@ from .state import CALIBRATION, CONFIG, load_trained, log_command, save_bn_stats
 from .train import pick_device, train
 
 SUPPRESS = argparse.SUPPRESS
+DEFAULT_ARCH, DEFAULT_RECIPE = "acs_ranked_fastnet", "fast"  # the served default's family, minutes
 
 
 def train_arguments(p: argparse.ArgumentParser) -> None:
@@ -48,12 +49,13 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
         name = kw.get("dest", flag[2:].replace("-", "_"))
         default, fast = defaults.get(name), RECIPES["fast"].get(name)
         if "default" not in help and kw.get("action") != "store_true" and default not in (None, {}):
-            help += f" (default {default}" + ("" if fast is None else f"; fast recipe {fast}") + ")"
+            help += (f" (default {default})" if fast is None else
+                     f" (fast recipe, the default: {fast}; default recipe: {default})")
         p.add_argument(flag, default=SUPPRESS, help=help.strip(), **kw)
     a("--data", help="image folders (train/<class>, test/<class>), cifar-10-batches-py, or a cache file")
     a("--arch", help=f"a model ({', '.join(model_names())}) or an architecture with its config defaults "
                      f"({', '.join(architecture_names())}); models win where the names meet "
-                     "(default acs_densenet40)")
+                     f"(default {DEFAULT_ARCH})")
     a("--config", dest="model_config", type=json.loads,
       help='architecture config overrides as JSON, e.g. \'{"gate": "cheap", "growth": 12}\'')
     a("--dataset-name", help="name in the model card and manifest (default: the data folder's name)")
@@ -78,8 +80,9 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
       help="auto (default): bfloat16 autocast where the CPU (AVX-512 bf16, AMX) or GPU has it")
     a("--compile", action="store_true", help="torch.compile the model")
     a("--recipe", choices=sorted(RECIPES),
-      help="preset of the options below: default, or fast (airbench-style: batch 1024, triangular "
-           "schedule, label smoothing, lookahead, alternating flips); given options win")
+      help="preset of the options below: fast (the default; airbench-style: batch 1024, triangular "
+           "schedule, label smoothing, lookahead, alternating flips), or default (the networks' "
+           "papers' long SGD schedule); given options win")
     a("--schedule", choices=("cosine", "triangle"))
     a("--label-smoothing", type=float)
     a("--translate", type=int, help="random translation in pixels (default 4)")
@@ -117,7 +120,8 @@ def evaluate_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def export_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", help="checkpoint folder (default: weights/<name>)")
+    p.add_argument("--out", help="checkpoint folder (default: <run>/weights/<name>, which "
+                   "`acs-serve --weights-dir <run>/weights` serves)")
     p.add_argument("--name", help="model name (default: the run folder's name)")
     p.add_argument("--default-budget", type=float, default=1.0,
                    help="budget for requests that give none (default 1.0); choose it from the "
@@ -177,8 +181,9 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
     if args.resume:
         return resume_config(args.run, given)
     if "data" not in given:
-        raise SystemExit("acs-train: --data is required (unless --resume)")
-    return TrainConfig(**{**recipe_defaults(given.pop("recipe", "default")), **given})
+        raise ValueError("--data is required (unless --resume)")
+    given.setdefault("arch", DEFAULT_ARCH)
+    return TrainConfig(**{**recipe_defaults(given.pop("recipe", DEFAULT_RECIPE)), **given})
 
 
 def command_overrides(args: argparse.Namespace) -> dict:
@@ -232,15 +237,21 @@ def run_evaluate(args: argparse.Namespace) -> None:
 
 def run_export(args: argparse.Namespace) -> None:
     name = args.name or Path(args.run).name
-    out = export(args.run, args.out or Path("weights") / name, name, args.default_budget,
+    out = export(args.run, args.out or Path(args.run) / "weights" / name, name, args.default_budget,
                  args.default_policy, args.serve_default, args.dense_baseline)
     print(f"exported {out}")
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a command; a mistake in the input (a missing folder, a bad setting) is one line on
+    stderr and exit status 2, not a traceback."""
     args = parser().parse_args(argv)
     started = time.time()
-    status = run_command(args)
+    try:
+        status = run_command(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"acs-train {args.command}: error: {e}", file=sys.stderr)
+        return 2
     run = getattr(args, "run", None)
     if run and int(os.environ.get("RANK", "0")) == 0 and (Path(run) / CONFIG).is_file():
         log_command(Path(run), sys.argv[1:] if argv is None else list(argv), time.time() - started)

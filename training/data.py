@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import pickle
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,16 +78,18 @@ def load_dataset(source: str | Path, cache: str | Path | None = None, image_size
     write_cache(data, cache, source)
     return data
 
+TEST_FRACTION = 0.1  # of every class, held out as the test split of a source without one
+
 
 def detect_layout(source: Path) -> tuple[str, Path]:
     """('cifar', batches folder) or ('folders', root) for a source folder."""
     for root in (source, source / CIFAR_BATCHES):
         if (root / "data_batch_1").is_file() and (root / "test_batch").is_file():
             return "cifar", root
-    if (source / "train").is_dir() and (source / "test").is_dir():
+    if (source / "train").is_dir() or any(p.is_dir() for p in source.glob("*/")):
         return "folders", source
-    raise FileNotFoundError(f"{source}: expected train/<class>/ and test/<class>/ image folders, "
-                            f"a {CIFAR_BATCHES}/ folder, or a .safetensors cache")
+    raise FileNotFoundError(f"{source}: expected train/<class>/ (and test/<class>/) image folders, "
+                            f"<class>/ folders, a {CIFAR_BATCHES}/ folder, or a .safetensors cache")
 
 
 def source_files(layout: str, root: Path) -> list[Path]:
@@ -94,8 +97,15 @@ def source_files(layout: str, root: Path) -> list[Path]:
     if layout == "cifar":
         return [root / f"data_batch_{i}" for i in range(1, 6)] + [root / "test_batch",
                                                                  root / "batches.meta"]
-    return sorted(p for split in ("train", "test") for p in (root / split).glob("*/*")
-                  if p.suffix.lower() in IMAGE_SUFFIXES)
+    splits = [d for d in image_splits(root) if d is not None]
+    return sorted(p for split in splits for p in split.glob("*/*") if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def image_splits(root: Path) -> tuple[Path, Path | None]:
+    """The train and test folders of an image-folder source: train/ and test/, or train/ alone,
+    or the root's own <class>/ folders (no test folder: None)."""
+    train = root / "train" if (root / "train").is_dir() else root
+    return train, (root / "test" if (root / "test").is_dir() else None)
 
 
 def source_fingerprint(layout: str, root: Path, image_size: int) -> str:
@@ -141,28 +151,36 @@ def decode_image(path: Path, size: int) -> np.ndarray:
 
 
 def decode_image_folders(root: Path, image_size: int, workers: int | None = None):
-    """((train_x, train_y), (test_x, test_y)), classes from train/<class>/, test/<class>/."""
-    classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
-    unknown = sorted({p.name for p in (root / "test").iterdir() if p.is_dir()} - set(classes))
+    """((train_x, train_y), (test_x, test_y)), classes from train/<class>/, test/<class>/.
+    Without a test folder, TEST_FRACTION of every class is held out as the test split."""
+    train_dir, test_dir = image_splits(root)
+    classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
+    unknown = sorted({p.name for p in test_dir.iterdir() if p.is_dir()} - set(classes)) if test_dir else []
     if not classes or unknown:
-        raise ValueError(f"{root}: no class folders in train/, or test/ classes not in train/: "
-                         f"{unknown}")
+        raise ValueError(f"{root}: no class folders in {train_dir.name}/, or test/ classes not in "
+                         f"train/: {unknown}")
     workers = workers or min(8, os.cpu_count() or 1)
 
-    def split(name: str):
+    def split(folder: Path):
         paths, labels = [], []
         for label, cls in enumerate(classes):
-            files = sorted(p for p in (root / name / cls).glob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+            files = sorted(p for p in (folder / cls).glob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
             paths += files
             labels += [label] * len(files)
         if not paths:
-            raise ValueError(f"{root / name}: no images")
+            raise ValueError(f"{folder}: no images")
         with ThreadPoolExecutor(workers) as pool:
             images = np.stack(list(pool.map(lambda p: decode_image(p, image_size), paths)))
         return (torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
                 torch.tensor(labels, dtype=torch.int64))
 
-    return (split("train"), split("test")), classes
+    train = split(train_dir)
+    if test_dir is not None:
+        return (train, split(test_dir)), classes
+    keep, held = holdout_split(train[1], TEST_FRACTION, seed=0)
+    print(f"{root}: no test/ folder: holding out {len(held)} of the {len(keep) + len(held)} images "
+          f"({TEST_FRACTION:.0%} of every class) as the test split", file=sys.stderr)
+    return ((train[0][keep], train[1][keep]), (train[0][held], train[1][held])), classes
 
 
 def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -170,7 +170,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> GatedNetwork:
 
     steps_per_epoch = len(splits.train) // cfg.batch_size
     if steps_per_epoch == 0:
-        raise ValueError(f"{len(splits.train)} training images are fewer than one batch")
+        raise ValueError(f"{len(splits.train)} training images are fewer than one batch of "
+                         f"{cfg.batch_size}: pass a smaller --batch-size")
     total = cfg.epochs * steps_per_epoch
     if model.gated and cfg.budget_schedule == "sandwich" and cfg.random_budgets < 1:
         raise ValueError("the gates learn from the random budgets: --random-budgets must be >= 1")

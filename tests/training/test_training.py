@@ -4,6 +4,7 @@ synthetic data (CPU, seconds)."""
 import json
 import pickle
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,6 +32,8 @@ from training.evaluate import EVAL_JSON, EVAL_MD, PLOT, evaluate, measure, write
 from training.objective import CostModel, Objective, Pass, sandwich_passes
 from training.state import CHECKPOINT, read_progress
 from training.train import train
+
+ROOT = Path(__file__).resolve().parents[2]
 
 CLASSES = ["circle", "square", "stripes"]
 TINY = {"growth": 8, "bn_size": 2, "init_features": 8, "blocks": [2, 2], "gate": "cheap"}
@@ -356,7 +359,8 @@ def test_cli_smoke_prepare_train_calibrate_evaluate_export_load_predict(folders,
     assert main(["prepare", "--data", str(folders), "--cache", str(cache), "--image-size", "16",
                  "--workers", "1"]) == 0
     assert main(["train", "--data", str(folders), "--cache", str(cache), "--run", str(run),
-                 "--arch", "densenet", "--config", json.dumps(TINY), "--image-size", "16",
+                 "--arch", "densenet", "--recipe", "default", "--config", json.dumps(TINY),
+                 "--image-size", "16",
                  "--calib-fraction", "0.25", "--limit", "24", "--epochs", "2", "--batch-size", "8",
                  "--random-budgets", "1", "--device", "cpu", "--dataset-name", "synthetic"]) == 0
     assert (run / CHECKPOINT).is_file()
@@ -400,14 +404,14 @@ def test_cli_smoke_prepare_train_calibrate_evaluate_export_load_predict(folders,
     assert time.time() - started < 60
 
 
-def test_cli_resume_refuses_to_change_the_recipe(folders, tmp_path):
+def test_cli_resume_refuses_to_change_the_recipe(folders, tmp_path, capsys):
     run = tmp_path / "r"
-    args = ["train", "--data", str(folders), "--run", str(run), "--arch", "densenet", "--config",
-            json.dumps(TINY), "--image-size", "16", "--epochs", "1", "--batch-size", "12",
+    args = ["train", "--data", str(folders), "--run", str(run), "--arch", "densenet", "--recipe", "default",
+            "--config", json.dumps(TINY), "--image-size", "16", "--epochs", "1", "--batch-size", "12",
             "--device", "cpu"]
     assert main(args) == 0
-    with pytest.raises(ValueError, match="lr"):
-        main(["train", "--run", str(run), "--resume", "--lr", "0.5"])
+    assert main(["train", "--run", str(run), "--resume", "--lr", "0.5"]) == 2  # one line, exit 2
+    assert "cannot change ['lr']" in capsys.readouterr().err
     assert main(["train", "--run", str(run), "--resume", "--epochs", "2"]) == 0
     assert read_progress(run)["epoch"] == 2
 
@@ -422,3 +426,30 @@ def test_precision_card_says_what_auto_serves(drop, says, not_says):
     row = {"policy": "threshold", "budget": 1.0, "float32": 0.7, "bfloat16": 0.7 - drop, "drop": drop}
     text = card_section({"images": 100, "top1_drop_max": drop, "rows": [row]})
     assert all(s in text for s in says) and not any(s in text for s in not_says)
+
+
+def test_cli_defaults_train_a_folder_without_a_test_split(tmp_path, capsys):
+    """A newcomer's folder: <class>/ folders only, the default model family and recipe, the
+    export inside the run (never the tracked weights/)."""
+    data = (write_folders(tmp_path / "split") / "train").rename(tmp_path / "photos")  # <class>/*.png
+    run = tmp_path / "runs" / "mine"
+    assert main(["all", "--data", str(data), "--run", str(run), "--image-size", "16", "--epochs", "1",
+                 "--batch-size", "8", "--device", "cpu", "--workers", "1", "--budgets", "1.0"]) == 0
+    captured = capsys.readouterr()
+    assert "no test/ folder: holding out 6 of the 48 images" in captured.err
+    manifest = read_manifest(run / "weights" / "mine")
+    train = manifest["provenance"]["train"]
+    assert train["arch"] == "acs_ranked_fastnet" and train["recipe"] == "fast"
+    assert manifest["provenance"]["evaluation"]["images"] == 6
+    assert not (ROOT / "weights" / "mine").exists()
+
+
+@pytest.mark.parametrize("argv,says", [
+    (["train", "--data", "/no/such/folder", "--run", "{tmp}/r"], "/no/such/folder"),
+    (["train", "--run", "{tmp}/r"], "--data is required"),
+    (["evaluate", "--run", "{tmp}/missing"], "missing"),
+])
+def test_cli_mistakes_are_one_line_and_exit_2(tmp_path, capsys, argv, says):
+    assert main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert says in err and "\n" not in err and "Traceback" not in err

@@ -34,7 +34,8 @@ def run_all(folders, root, arch: str) -> tuple:
     """`acs-train all` on the tiny data; returns (run folder, exported folder)."""
     run, out = root / "runs" / arch, root / "weights" / arch
     assert main(["all", "--data", str(folders), "--cache", str(root / "cache.safetensors"),
-                 "--run", str(run), "--out", str(out), "--arch", arch, "--config", json.dumps(TINY[arch]),
+                 "--run", str(run), "--out", str(out), "--arch", arch, "--recipe", "default",
+                 "--config", json.dumps(TINY[arch]),
                  "--image-size", "16", "--calib-fraction", "0.25", "--epochs", "2", "--batch-size", "8",
                  "--random-budgets", "1", "--device", "cpu", "--workers", "1", "--step", "0.25",
                  "--iterations", "6", "--budgets", "0.5", "1.0"]) == 0
