@@ -117,8 +117,10 @@ def operating_point(served, requested: float, policy: str) -> dict:
     if expected is None:
         notes.append(f"top-1 was not measured for policy {policy} at budget {requested:g}")
     elif expected < 2 * chance:
+        other = served.expected_top1(requested, "threshold") if policy != "threshold" else None
+        hint = f" or use policy threshold ({100 * other:.1f}%)" if other and other >= 2 * chance else ""
         notes.append(f"near chance: top-1 {100 * expected:.1f}% expected at budget {requested:g} under "
-                     f"{policy} (chance {100 * chance:.0f}%); raise the budget or use policy threshold")
+                     f"{policy} (chance {100 * chance:.0f}%); raise the budget{hint}")
     return {"expected_top1": expected, "notes": notes}
 
 
