@@ -33,7 +33,14 @@ from .memory import trim_every
 from .metrics import Metrics
 from .middleware import ServingMiddleware
 from .openapi import METRICS_RESPONSE, with_limits
-from .registry import ModelRegistry, ServedModel, checkpoint_dirs, missing_weights, pick_device
+from .registry import (
+    ModelRegistry,
+    ServedModel,
+    checkpoint_dirs,
+    folder_signature,
+    missing_weights,
+    pick_device,
+)
 from .routes_v1 import router as v1_router
 from .routes_v2 import router as v2_router
 
@@ -75,31 +82,87 @@ class ServerState:
         return served
 
 
+async def serve_folder(state: ServerState, path: Path) -> bool:
+    """Load and warm up one checkpoint folder off the event loop, then serve it; a model of
+    the same name from the same folder (a reload) keeps answering until the new one is ready,
+    then finishes what it holds. False (the error recorded) if it could not be served."""
+    registry, loop = state.registry, asyncio.get_running_loop()
+    served = await loop.run_in_executor(None, registry.load, path)
+    if served is None:
+        return False
+    served.batcher.start()
+    if not await loop.run_in_executor(served.batcher.pool, registry.warm_up, served):
+        await served.batcher.stop()
+        return False
+    old = registry.models.get(served.name)
+    registry.models[served.name] = served
+    served.ready = True
+    state.metrics.model_ready.labels(served.name).set(1)
+    log.info("serving %s on %s (load %.2fs, warm-up %.2fs)", served.name, registry.device,
+             served.load_seconds, served.warmup_seconds)
+    if old is not None:
+        await retire(state, old, replaced=True)
+    return True
+
+
+async def retire(state: ServerState, served: ServedModel, replaced: bool = False) -> None:
+    """Stop a model taking requests, finish those it holds, and free it."""
+    if not replaced:
+        state.registry.discard(served)
+    await served.batcher.drain(state.settings.graceful_timeout_s)
+    await served.batcher.stop()
+    log.info("%s %s", "reloaded" if replaced else "retired", served.name)
+
+
 async def load_models(state: ServerState) -> None:
     """Load and warm up every checkpoint, one by one, off the event loop."""
     registry = state.registry
-    loop = asyncio.get_running_loop()
     missing = missing_weights(state.settings.weights_dir)
     if missing:
         log.error("%s: %s", missing, Path(state.settings.weights_dir).resolve())
         registry.fail("weights_dir", missing)
     for path in checkpoint_dirs(state.settings.weights_dir):
-        served = await loop.run_in_executor(None, registry.load, path)
-        if served is None:
-            continue
-        registry.models[served.name] = served
-        served.batcher.start()
-        if not await loop.run_in_executor(served.batcher.pool, registry.warm_up, served):
-            registry.discard(served)
-            await served.batcher.stop()
-            continue
-        served.ready = True
-        state.metrics.model_ready.labels(served.name).set(1)
-        log.info("serving %s on %s (load %.2fs, warm-up %.2fs)", served.name, registry.device,
-                 served.load_seconds, served.warmup_seconds)
+        if not await serve_folder(state, path):
+            registry.failed[path.name] = folder_signature(path)
     if not registry.models:
         log.error("no model could be loaded from %s", state.settings.weights_dir)
     state.loaded = True
+
+
+async def sync_models(state: ServerState) -> None:
+    """Serve the checkpoint folders added or changed since the last look, retire the removed
+    ones; a folder that failed is tried again once its files change."""
+    registry = state.registry
+    folders = {p.name: p for p in checkpoint_dirs(state.settings.weights_dir)}
+    if folders:
+        registry.clear("weights_dir")
+    for served in list(registry.models.values()):
+        if served.folder is not None and served.folder.name not in folders:
+            await retire(state, served)
+    for name in [n for n in registry.failed if n not in folders]:
+        registry.failed.pop(name)
+        registry.clear(name)
+    serving = {m.folder.name: m.signature for m in registry.models.values() if m.folder}
+    for name, path in folders.items():
+        signature = folder_signature(path)
+        if serving.get(name, registry.failed.get(name)) == signature:
+            continue
+        registry.clear(name)
+        registry.failed.pop(name, None)
+        if not await serve_folder(state, path):
+            registry.failed[name] = signature
+
+
+async def poll_models(state: ServerState) -> None:
+    """Every model_poll_s seconds, sync the served models with the weights folder."""
+    while True:
+        await asyncio.sleep(state.settings.model_poll_s)
+        if not state.loaded:  # the first load is still under way
+            continue
+        try:
+            await sync_models(state)
+        except Exception:  # a bad folder must not stop the polling
+            log.exception("looking for model changes failed")
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -113,6 +176,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         state.tasks.append(asyncio.create_task(load_models(state)))
+        if settings.model_poll_s > 0:
+            state.tasks.append(asyncio.create_task(poll_models(state)))
         if settings.trim_memory_s > 0:
             state.tasks.append(asyncio.create_task(trim_every(settings.trim_memory_s)))
         yield

@@ -79,9 +79,20 @@ class Batcher:
         self.seconds_per_image = 0.0  # moving average, for refusing hopeless deadlines
         self.task: asyncio.Task | None = None
         self.running: asyncio.Future | None = None  # the batch on the inference thread
+        self.closed = False  # drained: the model was retired or replaced
 
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def drain(self, timeout: float) -> None:
+        """Wait, at most `timeout` seconds, until the queued jobs and the running batch are done,
+        then refuse new ones (a retired or replaced model)."""
+        deadline = time.monotonic() + timeout
+        while self.queue or (self.running is not None and not self.running.done()):
+            if time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.01)
+        self.closed = True
 
     async def stop(self) -> None:
         if self.task is not None:
@@ -92,6 +103,9 @@ class Batcher:
     def submit(self, job: Job) -> None:
         """Queue a job, or refuse it now: full queue, or a deadline it cannot meet."""
         s = self.settings
+        if self.closed:
+            raise ApiError(503, f"model {self.name!r} was just reloaded or removed; retry",
+                           "loading", {"Retry-After": "1"})
         if job.size > s.max_queue_size:
             raise ApiError(413, f"{job.size} images in one request; this server queues at most "
                            f"{s.max_queue_size}", "too_many_images")

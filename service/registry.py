@@ -31,6 +31,8 @@ class ServedModel:
     engine: str = "torch-compact"  # what runs it: openvino, torch (variants) or torch-compact
     warmup_seconds: float = 0.0
     ready: bool = False
+    folder: Path | None = None  # the checkpoint folder it came from
+    signature: tuple = ()  # that folder's files when loaded (folder_signature)
 
     @property
     def classes(self) -> list[str]:
@@ -90,6 +92,16 @@ def checkpoint_dirs(weights_dir: str | Path) -> list[Path]:
     return sorted(p.parent for p in root.glob(f"*/{MANIFEST}"))
 
 
+def folder_signature(folder: Path) -> tuple:
+    """Name, size and modification time of a checkpoint folder's manifest and weights: a
+    change means the model changed."""
+    try:
+        files = [f for f in folder.iterdir() if f.name == MANIFEST or f.suffix == ".safetensors"]
+        return tuple(sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+    except OSError:  # removed while we looked: the next look sees it gone
+        return ()
+
+
 def missing_weights(weights_dir: str | Path) -> str | None:
     """Why a weights folder has nothing to serve, or None."""
     root = Path(weights_dir)
@@ -107,17 +119,24 @@ class ModelRegistry:
     device: torch.device
     models: dict[str, ServedModel] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
+    failed: dict[str, tuple] = field(default_factory=dict)  # folder: its signature when it failed
 
     def fail(self, folder: str, reason: str) -> None:
         """Record why a checkpoint folder is not served (readiness, /v1/models, a metric)."""
         self.errors[folder] = reason
         self.metrics.load_failed.labels(folder).set(1)
 
+    def clear(self, folder: str) -> None:
+        """Forget a folder's failure (it was removed, or is tried again)."""
+        if self.errors.pop(folder, None) is not None:
+            self.metrics.load_failed.labels(folder).set(0)
+
     def load(self, path: Path) -> ServedModel | None:
         """Load one checkpoint (blocking; run it off the event loop). Any failure is logged
         with its cause and recorded under the folder's name; the other models are unaffected."""
         start = time.monotonic()
         try:
+            signature = folder_signature(path)
             checkpoint = load_checkpoint(path, self.device)
         except CheckpointError as e:
             log.error("not serving %s: %s", path, e)
@@ -128,7 +147,7 @@ class ModelRegistry:
             self.fail(path.name, f"loading failed: {type(e).__name__}")
             return None
         name = checkpoint.name
-        if name in self.models:
+        if name in self.models and self.models[name].folder != path:
             log.error("not serving %s: model name %r is already served", path, name)
             self.fail(path.name, f"model name {name!r} is already served from another folder")
             return None
@@ -138,7 +157,7 @@ class ModelRegistry:
         batcher = Batcher(name, model, executor, self.device, self.settings, self.metrics,
                           torch.float32 if isinstance(executor, VariantExecutor) else dtype)
         served = ServedModel(name, checkpoint.manifest, model, batcher, time.monotonic() - start,
-                             dtype, engine_name(executor))
+                             dtype, engine_name(executor), folder=path, signature=signature)
         self.metrics.load_seconds.labels(name).set(served.load_seconds)
         self.metrics.model_ready.labels(name).set(0)
         self.metrics.queue_depth.labels(name).set(0)  # exists before the first request
@@ -152,7 +171,8 @@ class ModelRegistry:
                 served.batcher.warm_up(served.input_size)
         except Exception as e:
             log.exception("not serving %s: warm-up failed", served.name)
-            self.fail(served.name, f"warm-up failed: {type(e).__name__}")
+            self.fail(served.folder.name if served.folder else served.name,
+                      f"warm-up failed: {type(e).__name__}")
             return False
         served.warmup_seconds = time.monotonic() - start
         self.metrics.warmup_seconds.labels(served.name).set(served.warmup_seconds)
