@@ -103,3 +103,13 @@ def test_pareto_interpolates_the_dense_curve():
     curve = [(2.0, 90.0), (1.0, 88.0)]
     assert interpolate(curve, 1.5) == 89.0 and interpolate(curve, 1.0) == 88.0
     assert interpolate(curve, 0.5) is None and interpolate(curve, 3.0) is None
+
+
+def test_recipe_ablation_tabulates_the_shipped_checkpoints(tmp_path):
+    out = tmp_path / "ablation.json"
+    run("recipe_ablation.py", "dense=weights/fastnet", "ranked=weights/acs_ranked_fastnet", "--json", str(out))
+    rows = json.loads(out.read_text())
+    manifest = json.loads((ROOT / "weights" / "fastnet" / "manifest.json").read_text())
+    assert [r["change"] for r in rows] == ["dense", "ranked"]
+    assert rows[0]["top1"] == round(100 * manifest["accuracy"][0]["top1"], 2)
+    assert rows[0]["epochs"] == manifest["provenance"]["epochs"] and rows[0]["train_minutes"] > 0
