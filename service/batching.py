@@ -24,6 +24,7 @@ from models.core.macs import Cost
 
 from .errors import ApiError
 from .metrics import Metrics
+from .objective import Objective, TimeModel
 
 log = logging.getLogger("acs_serve")
 
@@ -35,7 +36,15 @@ class Job:
     policy: str
     deadline: float  # time.monotonic()
     future: asyncio.Future
+    min_budget: float | None = None  # the lowest budget it may run at (None: its budget)
     enqueued: float = field(default_factory=time.monotonic)
+    run_budget: float | None = None  # the budget it ran at (lowered by the latency objective)
+    lowered: str | None = None  # why it was lowered
+
+    def __post_init__(self) -> None:
+        if self.min_budget is None:
+            self.min_budget = self.budget
+        self.run_budget = self.budget
 
     @property
     def size(self) -> int:
@@ -50,6 +59,9 @@ class JobResult:
     queue_s: float
     inference_s: float
     batch_size: int
+    run_budget: float  # the budget the job ran at
+    min_budget: float
+    lowered: str | None  # why run_budget is below the requested budget
 
 
 class Executor(Protocol):
@@ -79,6 +91,10 @@ class Batcher:
         self.seconds_per_image = 0.0  # moving average, for refusing hopeless deadlines
         self.task: asyncio.Task | None = None
         self.running: asyncio.Future | None = None  # the batch on the inference thread
+        self.times = TimeModel()  # seconds per image at a budget
+        objective = settings.latency_objective_ms / 1000
+        self.objective = (Objective(objective, self.times, time.monotonic())
+                          if objective > 0 and model.gated else None)
         self.closed = False  # drained: the model was retired or replaced
 
     def start(self) -> None:
@@ -114,6 +130,8 @@ class Batcher:
                            f"({self.queued_images} images waiting); retry later", "queue_full",
                            {"Retry-After": "1"})
         expected = (self.queued_images + job.size) * self.seconds_per_image
+        if self.objective is not None:  # the work at its floors: lowering can go that far
+            expected = sum(j.size * self.times(j.min_budget) for j in (*self.queue, job))
         if time.monotonic() + expected > job.deadline:
             raise ApiError(503, f"cannot finish within the deadline (about {expected:.3f} s of "
                            f"work is queued)", "deadline", {"Retry-After": "1"})
@@ -149,6 +167,8 @@ class Batcher:
             if self.queued_images < self.settings.max_batch_size and wait > 0:
                 await asyncio.sleep(wait)
             batch = self._take_batch()
+            if self.objective is not None:
+                self.objective.lower(batch, self.queue, time.monotonic())
             for policy in dict.fromkeys(job.policy for job in batch):
                 jobs = [job for job in batch if job.policy == policy]
                 self.running = loop.run_in_executor(self.pool, self._run, jobs, policy, loop)
@@ -186,7 +206,8 @@ class Batcher:
         start = time.monotonic()
         x = torch.cat([job.images for job in jobs]).to(self.device, self.dtype, non_blocking=True)
         requested = [job.budget for job in jobs for _ in range(job.size)]
-        budgets = torch.tensor(requested, dtype=torch.float32, device=self.device)
+        run = [job.run_budget for job in jobs for _ in range(job.size)]
+        budgets = torch.tensor(run, dtype=torch.float32, device=self.device)
         logits, info = self.executor(x, budget=budgets, policy=policy, return_info=True)
         probabilities = torch.softmax(logits.float(), 1).cpu()
         cost = info.cost.rows(slice(None))
@@ -199,16 +220,18 @@ class Batcher:
             rows = slice(offset, offset + job.size)
             offset += job.size
             results.append(JobResult(probabilities[rows], effective[rows], cost.rows(rows),
-                                     start - job.enqueued, elapsed, n))
+                                     start - job.enqueued, elapsed, n, job.run_budget,
+                                     job.min_budget, job.lowered))
         loop.call_soon_threadsafe(self._deliver, jobs, results)
         self.seconds_per_image = 0.8 * self.seconds_per_image + 0.2 * elapsed / n
+        self.times.observe(run, elapsed)
         m = self.metrics
         m.inference_seconds.labels(self.name).observe(elapsed)
         m.batch_size.labels(self.name).observe(n)
         for result in results:
             m.queue_seconds.labels(self.name).observe(result.queue_s)
         m.observe_images(self.name, policy, requested, effective, cost,
-                         self.model.budget_ratio(cost).tolist())
+                         self.model.budget_ratio(cost).tolist(), run)
 
     def warm_up(self, size: int) -> None:
         """Run every batch-size bucket (powers of two up to the max) once per policy path, and
@@ -220,9 +243,14 @@ class Batcher:
         floors = [table.floor] if self.model.adaptive else table.budgets
         for n in sizes:
             x = torch.zeros(n, 3, size, size, device=self.device, dtype=self.dtype)
-            start = time.monotonic()
-            self.executor(x, budget=1.0, policy="threshold")
+            points = {1.0: self._timed(x, 1.0, "threshold")}
             for budget in floors:
-                self.executor(x, budget=budget, policy="topk")
-            elapsed = (time.monotonic() - start) / (1 + len(floors)) / n
-            self.seconds_per_image = max(self.seconds_per_image, elapsed)
+                points.setdefault(budget, self._timed(x, budget, "topk"))
+            self.seconds_per_image = max(self.seconds_per_image, sum(points.values()) / len(points))
+        self.times.measured(points)  # at the largest batch, every variant warm
+
+    def _timed(self, x: torch.Tensor, budget: float, policy: str) -> float:
+        """Seconds per image of one call."""
+        start = time.monotonic()
+        self.executor(x, budget=budget, policy=policy)
+        return (time.monotonic() - start) / x.shape[0]

@@ -34,6 +34,7 @@ class Settings:
     drain_delay_s: float = 1.0  # after SIGTERM, keep accepting (readiness 503) this long
     graceful_timeout_s: float = 60.0  # after SIGTERM, longest wait for requests in flight
     log_level: str = "info"
+    latency_objective_ms: float = 0.0  # 0: off (queue, then refuse)
     model_poll_s: float = 5.0  # look for model folders added, changed or removed (0: never)
 
     def __post_init__(self) -> None:
@@ -77,6 +78,9 @@ HELP = {
     "drain_delay_s": "after SIGTERM, keep accepting connections (readiness 503) this long",
     "graceful_timeout_s": "after SIGTERM, longest wait for the requests in flight",
     "log_level": "uvicorn log level",
+    "latency_objective_ms": "per model, the server-side latency to keep: when queued work would "
+                            "miss it, run the next images at lower budgets, never below a "
+                            "request's min_budget; 0: off",
     "model_poll_s": "look for model folders added, changed or removed under the weights folder "
                     "this often, in seconds, and serve, reload or retire them; 0: never",
 }

@@ -16,8 +16,8 @@ from models.core.budget import POLICIES
 from .batching import Job, JobResult
 from .errors import ApiError
 
-PARAMETERS = ("budget", "policy", "top_k", "timeout")
-RULES = {"budget": "must be a number in [0, 1]",
+PARAMETERS = ("budget", "min_budget", "policy", "top_k", "timeout")
+RULES = {"budget": "must be a number in [0, 1]", "min_budget": "must be a number in [0, 1], at most budget",
          "policy": f"must be {', '.join(POLICIES[:-1])} or {POLICIES[-1]}",
          "top_k": "must be an integer from 1 to 1000", "timeout": "must be a number of seconds > 0"}
 
@@ -25,6 +25,9 @@ RULES = {"budget": "must be a number in [0, 1]",
 class PredictParams(BaseModel):
     budget: float | None = Field(None, ge=0, le=1, description="fraction of the dense cost "
                                  "(MACs; BitOps for DFS models: see cost.budget_unit)")
+    min_budget: float | None = Field(None, ge=0, le=1, description="the lowest budget the server "
+                                     "may run the request at to meet its latency objective "
+                                     "(default: the budget: never lowered)")
     policy: Literal[POLICIES] | None = None
     top_k: int = Field(5, ge=1, le=1000)
     timeout: float | None = Field(None, gt=0, description="deadline in seconds")
@@ -32,11 +35,19 @@ class PredictParams(BaseModel):
 
 def validate_params(raw: dict) -> PredictParams:
     try:
-        return PredictParams(**raw)
+        params = PredictParams(**raw)
     except ValidationError as e:
         names = dict.fromkeys(str(err["loc"][0]) for err in e.errors())
         parts = [f"{n}: {RULES.get(n, 'is not valid')}, got {raw.get(n)!r}" for n in names]
         raise ApiError(422, "; ".join(parts), "bad_parameter") from None
+    check_floor(params.min_budget, params.budget)
+    return params
+
+
+def check_floor(min_budget: float | None, budget: float | None) -> None:
+    if min_budget is not None and budget is not None and min_budget > budget:
+        raise ApiError(422, f"min_budget: {RULES['min_budget']}, got {min_budget:g} > budget {budget:g}",
+                       "bad_parameter")
 
 
 def too_many_images(count: int, limit: int) -> ApiError:
@@ -44,11 +55,12 @@ def too_many_images(count: int, limit: int) -> ApiError:
                     "(max_images_per_request)", "too_many_images")
 
 
-async def infer(request: Request, served, images: torch.Tensor, budget: float | None,
-                policy: str | None, timeout: float | None) -> tuple[JobResult, float, str]:
+async def infer(request: Request, served, images: torch.Tensor, params: PredictParams
+                ) -> tuple[JobResult, float, str]:
     """Queue images for a model and wait for the result within the deadline.
 
     Returns the result and the budget and policy used (the model's defaults where None)."""
+    budget, policy, timeout = params.budget, params.policy, params.timeout
     settings = request.app.state.server.settings
     if timeout is not None and timeout > settings.max_timeout_s:
         raise ApiError(422, f"timeout: must be at most {settings.max_timeout_s:g} s "
@@ -57,8 +69,10 @@ async def infer(request: Request, served, images: torch.Tensor, budget: float | 
     deadline = time.monotonic() + seconds
     future = asyncio.get_running_loop().create_future()
     budget = served.default_budget if budget is None else budget
+    check_floor(params.min_budget, budget)
     policy = policy or served.default_policy
-    served.batcher.submit(Job(images, budget, policy, deadline, future))
+    floor = budget if params.min_budget is None else params.min_budget
+    served.batcher.submit(Job(images, budget, policy, deadline, future, floor))
     try:
         return await asyncio.wait_for(future, max(deadline - time.monotonic(), 0)), budget, policy
     except TimeoutError:

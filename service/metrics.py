@@ -44,6 +44,11 @@ class Metrics:
                                   registry=r)
         self.requested_budget = Histogram("acs_requested_budget", "requested budget per image",
                                           ("model", "policy"), buckets=RATIO, registry=r)
+        self.run_budget = Histogram("acs_run_budget", "budget each image ran at: the requested one, "
+                                    "or lower under the latency objective", ("model", "policy"),
+                                    buckets=RATIO, registry=r)
+        self.lowered_images = Counter("acs_lowered_images", "images run below their requested "
+                                      "budget to meet the latency objective", m, registry=r)
         labels = ("model", "policy", "budget_tier")
         self.skipped_ratio = Histogram("acs_skipped_channel_ratio",
                                        "fraction of gated channels skipped per image", labels,
@@ -71,17 +76,21 @@ class Metrics:
             {"version": version, "torch": torch.__version__, "python": platform.python_version(),
              "device": device})
 
-    def observe_images(self, model: str, policy: str, requested, effective, cost, budget_ratios) -> None:
-        """Per-image budget and cost figures of one served batch of a model."""
+    def observe_images(self, model: str, policy: str, requested, effective, cost, budget_ratios,
+                       run) -> None:
+        """Per-image budget and cost figures of one served batch of a model (`run`: the budget
+        each image ran at)."""
         ratios = cost.ratio.tolist()
         skipped = cost.skipped_ratio.tolist()
-        for req, eff, ratio, skip, bounded in zip(requested, effective, ratios, skipped, budget_ratios,
-                                                  strict=True):
+        for req, ran, eff, ratio, skip, bounded in zip(requested, run, effective, ratios, skipped,
+                                                       budget_ratios, strict=True):
             tier = budget_tier(eff)
             self.requested_budget.labels(model, policy).observe(req)
+            self.run_budget.labels(model, policy).observe(ran)
             self.skipped_ratio.labels(model, policy, tier).observe(skip)
             self.executed_ratio.labels(model, policy, tier).observe(ratio)
             self.budget_ratio.labels(model, policy, tier).observe(bounded)
+        self.lowered_images.labels(model).inc(sum(ran < req for req, ran in zip(requested, run, strict=True)))
         executed = int(cost.executed.sum())
         self.executed_macs.labels(model).inc(executed)
         self.saved_macs.labels(model).inc(max(cost.dense * len(ratios) - executed, 0))

@@ -40,6 +40,9 @@ def _parameters() -> dict:
     return {
         "budget": {"type": "number", "minimum": 0, "maximum": 1,
                    "description": "fraction of the dense cost (default: the model's operating point)"},
+        "min_budget": {"type": "number", "minimum": 0, "maximum": 1,
+                       "description": "lowest budget the server may run the request at to meet its "
+                                      "latency objective (at most budget; default: budget)"},
         "policy": {"type": "string", "enum": list(POLICIES),
                    "description": "how the budget sets the gates (default: the model's)"},
         "top_k": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 5},
@@ -93,7 +96,8 @@ def infer_openapi() -> dict:
         "outputs": {"type": "array", "items": {"type": "object", "properties": {
             "name": {"type": "string"}, "parameters": {"type": "object"}}}},
         "parameters": {"type": "object", "properties": {
-            "budget": _parameters()["budget"], "policy": _parameters()["policy"],
+            "budget": _parameters()["budget"], "min_budget": _parameters()["min_budget"],
+            "policy": _parameters()["policy"],
             "timeout": _parameters()["timeout"], "binary_data_output": {"type": "boolean"}}}}}
     return {"requestBody": {"required": True, "content": {
         "application/json": {"schema": request},

@@ -28,7 +28,11 @@ class Label(BaseModel):
 
 class Budget(BaseModel):
     requested: float
-    effective: float
+    min_budget: float = Field(description="the lowest budget the server could run it at")
+    effective: float = Field(description="the budget the image ran at (after the floor and any "
+                             "lowering)")
+    lowered: str | None = Field(description="why it ran below the requested budget (the server's "
+                                "latency objective under load), or null")
     policy: str
     expected_top1: float | None = Field(description="top-1 (0..1) the model scored on held-out data "
                                         "at this budget and policy (null: not measured)")
@@ -126,7 +130,7 @@ def operating_point(served, requested: float, policy: str) -> dict:
 
 def predictions(result: JobResult, served, top_k: int, requested: float, policy: str) -> list[dict]:
     model, classes = served.model, served.classes
-    point = operating_point(served, requested, policy)
+    point = operating_point(served, result.run_budget, policy)
     probs, index = result.probabilities.topk(min(top_k, len(classes)), 1)
     cost = result.cost
     ratio, skipped = cost.ratio.tolist(), cost.skipped_ratio.tolist()
@@ -137,7 +141,8 @@ def predictions(result: JobResult, served, top_k: int, requested: float, policy:
         out.append({
             "top_k": [{"label": classes[j], "index": j, "probability": p}
                       for p, j in zip(probs[i].tolist(), index[i].tolist(), strict=True)],
-            "budget": {"requested": requested, "effective": result.effective[i], "policy": policy,
+            "budget": {"requested": requested, "min_budget": result.min_budget,
+                       "effective": result.effective[i], "lowered": result.lowered, "policy": policy,
                        **point},
             "cost": {"dense_macs": cost.dense, "executed_macs": int(cost.executed[i]),
                      "executed_ratio": ratio[i], "skipped_channel_ratio": skipped[i],
@@ -179,8 +184,7 @@ async def predict_with(request: Request, name: str | None) -> JSONResponse:
     params = merge_params(request, body_params)
     max_pixels = state.settings.max_pixels
     images = await preprocess_async(data, served.manifest, max_pixels)
-    result, budget, policy = await infer(request, served, images, params.budget, params.policy,
-                                         params.timeout)
+    result, budget, policy = await infer(request, served, images, params)
     total_ms = (time.perf_counter() - request.state.start) * 1e3
     return JSONResponse({
         "request_id": request.state.request_id, "model": served.name,
@@ -197,7 +201,8 @@ Send the image as `multipart/form-data` (field `file`, repeat it for several ima
 query string (or in the JSON body / form fields; a name given in both must have one value, an
 unknown name is a 422): `budget` (0..1, fraction of the dense MACs;
 default: the model's operating point), `policy` (`threshold`, `topk`, `cap`), `top_k`,
-`timeout` (seconds)."""
+`timeout` (seconds), `min_budget` (0..budget: the server may lower the budget this far to meet its
+latency objective under load; default: the budget, never lowered)."""
 
 
 PREDICT_ERRORS = errors(400, 401, 404, 413, 415, 422, 429, 500, 503, 504)

@@ -2,7 +2,7 @@
 
 Inputs (send one): IMAGE, BYTES [N] of encoded images (base64 strings in JSON, raw with the
 binary extension), or INPUT, FP32 [N, 3, H, W] already normalized as the model's manifest
-says. Request parameters: budget, policy, timeout. Outputs: PROBABILITIES FP32 [N, C],
+says. Request parameters: budget, min_budget, policy, timeout. Outputs: PROBABILITIES FP32 [N, C],
 EXECUTED_MAC_RATIO, SKIPPED_CHANNEL_RATIO, EFFECTIVE_BUDGET FP32 [N], EXECUTED_MACS INT64 [N].
 """
 
@@ -207,8 +207,7 @@ async def model_infer(name: str, request: Request) -> Response:
         images = await preprocess_async(data, served.manifest, max_pixels)
     else:
         images = data
-    result, _, _ = await infer(request, served, images, params.budget, params.policy,
-                               params.timeout)
+    result, _, _ = await infer(request, served, images, params)
     cost = result.cost
     outputs = {
         "PROBABILITIES": result.probabilities.numpy().astype(np.float32),
@@ -224,7 +223,8 @@ def request_params(body: dict):
     params = body.get("parameters") or {}
     if not isinstance(params, dict):
         raise ApiError(400, '"parameters" must be an object', "bad_request")
-    return validate_params({k: params[k] for k in ("budget", "policy", "timeout") if k in params})
+    return validate_params({k: params[k] for k in ("budget", "min_budget", "policy", "timeout")
+                            if k in params})
 
 
 def encode_response(body: dict, name: str, request_id: str, outputs: dict) -> Response:

@@ -295,6 +295,19 @@ def budgets() -> Board:
                               "budget_tier"), "tier ≤ {{budget_tier}}")],
                  unit="percentunit", maximum=1, w=8)
 
+    b.timeseries("Latency objective: requested vs run budget",
+                 "Mean requested budget against the mean budget images ran at (acs_run_budget), "
+                 "per model: they part when the server lowers queued images' budgets to keep its "
+                 "latency objective (latency_objective_ms), and meet again when the load falls.",
+                 [target(mean("acs_requested_budget", sel, "model"), "requested {{model}}"),
+                  target(mean("acs_run_budget", sel, "model"), "ran at {{model}}")],
+                 unit="percentunit", maximum=1, w=12)
+    b.timeseries("Images lowered per second",
+                 "Images run below their requested budget to keep the latency objective "
+                 "(acs_lowered_images_total), per model; never below a request's min_budget.",
+                 [target(f"sum by (model) ({rate('acs_lowered_images_total', f'{INST}, {MODEL}')})",
+                         "{{model}}")], unit="short", w=12)
+
     b.row("Channel skipping")
     b.heatmap("Skip ratio per image: budget tier $tier",
               "Distribution of the fraction of gated channels skipped per image "

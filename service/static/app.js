@@ -86,7 +86,8 @@ function render(body) {
   $("effective").textContent = p.budget.effective.toFixed(3);
   $("expected").textContent = p.budget.expected_top1 === null ? "not measured"
     : `${(100 * p.budget.expected_top1).toFixed(1)}% (held-out data, this budget and policy)`;
-  $("notes").replaceChildren(...p.budget.notes.map((n) => Object.assign(document.createElement("li"), { textContent: n })));
+  const notes = (p.budget.lowered ? [`Lowered: ${p.budget.lowered}`] : []).concat(p.budget.notes);
+  $("notes").replaceChildren(...notes.map((n) => Object.assign(document.createElement("li"), { textContent: n })));
   $("macs").textContent = `${(p.cost.executed_macs / 1e6).toFixed(1)} M of ${(p.cost.dense_macs / 1e6).toFixed(1)} M`;
   $("ratio").textContent = p.cost.executed_ratio.toFixed(3);
   $("skipped").textContent = p.cost.skipped_channel_ratio.toFixed(3);

@@ -77,7 +77,7 @@ def test_unknown_parameters_are_422_listing_the_accepted_names(client, query, bo
     r = post(client, query, **body)
     assert r.status_code == 422 and r.json()["reason"] == "bad_parameter"
     error = r.json()["error"]
-    assert "unknown parameter" in error and "budget, policy, top_k, timeout" in error
+    assert "unknown parameter" in error and "budget, min_budget, policy, top_k, timeout" in error
     assert ("budgt" in error) or ("foo" in error)
 
 

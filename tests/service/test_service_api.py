@@ -75,7 +75,8 @@ def test_prediction_response(client):
     assert len(p["top_k"]) == 3 and all(t["label"] in CLASSES for t in p["top_k"])
     probs = [t["probability"] for t in p["top_k"]]
     assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0001
-    assert p["budget"] == {"requested": 0.5, "effective": 0.5, "policy": "topk", "expected_top1": None,
+    assert p["budget"] == {"requested": 0.5, "min_budget": 0.5, "effective": 0.5, "lowered": None,
+                           "policy": "topk", "expected_top1": None,
                            "notes": ["top-1 was not measured for policy topk at budget 0.5"]}
     cost = p["cost"]
     assert cost["executed_ratio"] <= 0.5
@@ -102,7 +103,8 @@ def test_lower_budget_costs_less_and_floor_is_reported(client):
 def test_default_operating_point_comes_from_the_manifest(client):
     p = client.post("/v1/models/tiny/predict", content=encode(),
                     headers={"content-type": "image/png"}).json()["predictions"][0]
-    assert p["budget"] == {"requested": 0.5, "effective": 0.5, "policy": "topk", "expected_top1": None,
+    assert p["budget"] == {"requested": 0.5, "min_budget": 0.5, "effective": 0.5, "lowered": None,
+                           "policy": "topk", "expected_top1": None,
                            "notes": ["top-1 was not measured for policy topk at budget 0.5"]}
     assert [t["label"] for t in p["top_k"]] != [] and len(p["top_k"]) == 3
 
