@@ -107,9 +107,24 @@ def test_pareto_interpolates_the_dense_curve():
 
 def test_recipe_ablation_tabulates_the_shipped_checkpoints(tmp_path):
     out = tmp_path / "ablation.json"
-    run("recipe_ablation.py", "dense=weights/fastnet", "ranked=weights/acs_ranked_fastnet", "--json", str(out))
+    run("recipe_ablation.py", "dense=weights/fastnet", "ranked=weights/acs_ranked_fastnet", "--json",
+        str(out))
     rows = json.loads(out.read_text())
     manifest = json.loads((ROOT / "weights" / "fastnet" / "manifest.json").read_text())
     assert [r["change"] for r in rows] == ["dense", "ranked"]
     assert rows[0]["top1"] == round(100 * manifest["accuracy"][0]["top1"], 2)
     assert rows[0]["epochs"] == manifest["provenance"]["epochs"] and rows[0]["train_minutes"] > 0
+
+
+def test_latency_objective_bench_compares_the_server_with_and_without_it(tmp_path):
+    out = tmp_path / "objective.json"
+    run("latency_objective.py", "--loads", "2", "--duration", "2", "--capacity-duration", "1",
+        "--concurrency", "4", "--objective-ms", "50", "--json", str(out))
+    result = json.loads(out.read_text())
+    assert set(result["meta"]["capacity_rps"]) == {"1.0", "0.25"}
+    rows = {r["objective_ms"]: r for r in result["rows"]}
+    assert set(rows) == {None, 50.0}
+    for row in rows.values():
+        assert row["sent"] > 0 and row["ok"] + row["refused"] * row["sent"] <= row["sent"] + 1e-6
+        assert 0.25 - 1e-6 <= row["mean_budget"] <= 1.0
+    assert rows[None]["lowered"] == 0 and rows[None]["recovery_s"] is None  # never lowered without it

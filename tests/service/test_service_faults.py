@@ -258,7 +258,8 @@ def test_openapi_describes_predict_infer_and_metrics(client):
     predict_op = schema["paths"]["/v1/predict"]["post"]
     assert {"multipart/form-data", "application/json", "image/png", "image/jpeg"} <= set(
         predict_op["requestBody"]["content"])
-    assert {p["name"] for p in predict_op["parameters"]} == {"budget", "min_budget", "policy", "top_k", "timeout"}
+    assert {p["name"] for p in predict_op["parameters"]} == {"budget", "min_budget", "policy", "top_k",
+                                                              "timeout"}
     for status in ("400", "413", "415", "422", "500", "503", "504"):
         content = predict_op["responses"][status]["content"]["application/json"]
         assert content["schema"]["$ref"].endswith("/ErrorBody")
