@@ -12,7 +12,8 @@ DFS). For each budget b of a grid (the floor, then every `step` up to 1.0):
   tau = 1.0 overspends (gates saturated at a score of 1.0) gets a threshold above 1.
 - counts_l(b), for topk and cap: where the threshold policy spends at tau(b) (each layer's
   mean kept fraction), scaled as high as a cost <= b allows, never below the counts of the
-  next lower budget; what is left of b is then filled greedily.
+  next lower budget; what is left of b then goes a channel group at a time to the layer least
+  filled against that spending, so no layer is starved while another fills up.
 
 So the table is monotone: tau never increases and no count decreases with the budget.
 
@@ -200,7 +201,7 @@ def fitted_counts(model: GatedNetwork, kept: torch.Tensor, budget: float, lower:
                   iterations: int = 30) -> list[int]:
     """Per-layer counts proportional to `kept`, never below `lower` (the next lower budget's
     counts, whose cost fits), scaled as high as a cost <= budget allows; then the budget left
-    is filled a channel group at a time, the most used layers first."""
+    is filled a channel group at a time, to the layer least filled against its use."""
     totals, groups = model.gated_totals(), model.gated_groups()
     profile = (kept / torch.tensor(totals, dtype=torch.float64)).tolist()
 
@@ -216,13 +217,21 @@ def fitted_counts(model: GatedNetwork, kept: torch.Tensor, budget: float, lower:
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if fits(scaled(mid)) else (lo, mid)
     counts = scaled(hi) if fits(scaled(hi)) else scaled(lo)
-    for layer in sorted(range(len(totals)), key=lambda i: -profile[i]):
-        while counts[layer] < totals[layer]:
-            trial = list(counts)
-            trial[layer] += groups[layer]
-            if not fits(trial):
-                break
-            counts = trial
+    # then one group at a time to the layer least filled against the threshold policy's use of
+    # it, stopping when that one does not fit (what is left waits for a higher budget): filling
+    # whichever layer still fits let cheap layers fill up while costly ones stayed at 0
+    want = [p * t for p, t in zip(profile, totals, strict=True)]
+    growing = [i for i, w in enumerate(want) if w > 0]
+    while growing:
+        layer = min(growing, key=lambda i: counts[i] / want[i])
+        trial = list(counts)
+        trial[layer] += groups[layer]
+        if trial[layer] > totals[layer]:
+            growing.remove(layer)
+            continue
+        if not fits(trial):
+            break
+        counts = trial
     return counts
 
 

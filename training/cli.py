@@ -6,6 +6,7 @@
     acs-train evaluate  --run runs/X               test split: JSON, Markdown, PNG
     acs-train export    --run runs/X               weights/X/: safetensors, manifest, card
     acs-train precision --weights weights/X --data DIR   top-1 in float32 and bfloat16
+    acs-train recalibrate --weights weights/X --data DIR an exported model's table and accuracy again
     acs-train all       --data DIR --run runs/X    train, calibrate, evaluate, export
 
 Under torchrun, `train` (and the training part of `all`) runs data-parallel.
@@ -32,6 +33,7 @@ from .data import default_cache, load_dataset
 from .evaluate import evaluate, write_report
 from .export import export
 from .precision import BUDGETS, card_section, check_precision
+from .recalibrate import recalibrate
 from .recipe import RECIPES, recipe_defaults
 from .state import CALIBRATION, CONFIG, load_trained, log_command, save_bn_stats, write_json
 from .train import pick_device, train
@@ -165,6 +167,14 @@ def parser() -> argparse.ArgumentParser:
     prec.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS))
     prec.add_argument("--policies", nargs="+", choices=POLICIES, default=["threshold"])
     prec.add_argument("--limit", type=int, help="the first N test images only")
+    recal = sub.add_parser("recalibrate", help="an exported checkpoint's table and accuracy rows "
+                           "again, in place (its run folder not needed)")
+    recal.add_argument("--weights", required=True, help="checkpoint folder, e.g. weights/acs_densenet40")
+    recal.add_argument("--data", required=True, help="the dataset it was trained on (or its cache)")
+    recal.add_argument("--limit", type=int, help="calibration images (default: the whole held-out split)")
+    recal.add_argument("--test-limit", type=int, help="test images (default: all)")
+    recal.add_argument("--budgets", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
+    recal.add_argument("--policies", nargs="+", choices=POLICIES, default=list(POLICIES))
     every = sub.add_parser("all", help="train, calibrate, evaluate, export")
     run_arguments(every)
     train_arguments(every)
@@ -267,6 +277,13 @@ def run_command(args: argparse.Namespace) -> int:
         print(f"{cache}: {len(data.train_y)} train and {len(data.test_y)} test images of "
               f"{len(data.classes)} classes, {data.image_size}x{data.image_size}; "
               f"mean {data.mean}, std {data.std}")
+        return 0
+    if args.command == "recalibrate":
+        result = recalibrate(args.weights, load_dataset(args.data), args.limit, args.test_limit,
+                             args.budgets, tuple(args.policies))
+        for row in result["rows"]:
+            print(f"  {row['policy']:9s} budget {row['budget']:.3f}  top-1 {100 * row['top1']:.2f}%  "
+                  f"MACs {row['ratio_mean']:.3f} mean")
         return 0
     if args.command == "precision":
         result = check_precision(args.weights, load_dataset(args.data), args.budgets,

@@ -453,3 +453,45 @@ def test_cli_mistakes_are_one_line_and_exit_2(tmp_path, capsys, argv, says):
     assert main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
     err = capsys.readouterr().err.strip()
     assert says in err and "\n" not in err and "Traceback" not in err
+
+
+def test_topk_counts_leave_no_layer_starved_while_another_fills():
+    """The per-layer counts of topk/cap follow the threshold policy's spending at every budget:
+    layers it uses alike get counts within a couple of groups of each other (filling whichever
+    layer still fit gave cheap layers all their channels and costly ones none)."""
+    from models.core.budget import budget_grid
+    from training.calibrate import fitted_counts
+
+    model = ACSDenseNet(DenseNetConfig(num_classes=3, growth=8, bn_size=2, init_features=8, blocks=(3, 3),
+                                       gate="cheap", input_size=16)).eval()
+    totals = model.gated_totals()
+    kept = torch.tensor([0.4 * t for t in totals], dtype=torch.float64)
+    counts = [0] * len(totals)
+    for budget in budget_grid(model.floor(), 0.05):
+        previous, counts = counts, fitted_counts(model, kept, budget, counts)
+        assert float(model.budget_ratio(model.count_cost(counts))[0]) <= budget + 1e-9
+        assert all(c >= p for c, p in zip(counts, previous, strict=True))  # monotone
+        assert max(counts) - min(counts) <= 2, (budget, counts)
+
+
+def test_cli_recalibrates_an_exported_checkpoint_in_place(folders, tmp_path):
+    from models.core.checkpoint import save_checkpoint
+
+    out = tmp_path / "weights" / "tiny"
+    config = {**TINY, "blocks": tuple(TINY["blocks"]), "num_classes": 3, "input_size": 16}
+    model = randomize_bn(ACSDenseNet(DenseNetConfig(**config))).eval()
+    save_checkpoint(model, out, name="tiny", classes=CLASSES,
+                    provenance={"train": {"calib_fraction": 0.25, "seed": 0}},
+                    accuracy=[{"policy": "threshold", "budget": 1.0, "top1": 0.5}])
+    (out / "README.md").write_text("# tiny\n\n## Accuracy and executed MACs on the test split (3 images)\n\n"
+                                   "old table\n\n## Use\n\nkept\n")
+    assert main(["recalibrate", "--weights", str(out), "--data", str(folders), "--budgets", "0.5", "1.0",
+                 "--limit", "8"]) == 0
+    manifest = read_manifest(out)
+    assert {(r["policy"], r["budget"]) for r in manifest["accuracy"]} == {
+        (p, b) for p in ("threshold", "topk", "cap") for b in (0.5, 1.0)}
+    assert manifest["calibration"]["source"] == "closed-loop"
+    assert manifest["provenance"]["calibration"]["images"] == 8
+    card = (out / "README.md").read_text()
+    assert "old table" not in card and "| topk | 0.5 |" in card and "## Use\n\nkept" in card
+    load_checkpoint(out)  # still valid
