@@ -50,14 +50,16 @@ def weights(tmp_path):
 def test_added_changed_and_removed_models_follow_without_dropping_the_others(weights):
     with make_client(str(weights), model_poll_s=0.1) as client:
         wait_ready(client.get)
-        statuses, stop = [], threading.Event()
+        statuses, changing, stop = [], [], threading.Event()
 
-        def steady_traffic():
+        def traffic(name: str, log: list):
             while not stop.is_set():
-                statuses.append(predict(client, "steady").status_code)
+                log.append(predict(client, name).status_code)
 
-        worker = threading.Thread(target=steady_traffic)
-        worker.start()
+        workers = [threading.Thread(target=traffic, args=("steady", statuses)),
+                   threading.Thread(target=traffic, args=("added", changing))]
+        for worker in workers:
+            worker.start()
         try:
             save(weights, "added")  # a new folder
             until(lambda: "added" in served(client))
@@ -74,8 +76,10 @@ def test_added_changed_and_removed_models_follow_without_dropping_the_others(wei
             assert client.get("/readyz").status_code == 200
         finally:
             stop.set()
-            worker.join()
+            for worker in workers:
+                worker.join()
         assert statuses and set(statuses) == {200}
+        assert 200 in changing and set(changing) <= {200, 404}  # absent, served, reloaded: none refused
 
 
 def test_a_broken_folder_is_reported_and_tried_again_once_fixed(weights):
