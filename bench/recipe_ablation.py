@@ -26,7 +26,8 @@ def card_minutes(folder: Path) -> tuple[float | None, str]:
         return None, "not recorded"
     minutes = [float(m) for m in re.findall(r"train ([\d.]+) min", row.group(1))]
     hardware = re.search(r"\(([^()]*cores?[^()]*)\)", row.group(1))
-    return (sum(minutes) if minutes else None), (hardware.group(1) if hardware else "")
+    hardware = hardware.group(1).removeprefix("trained on ") if hardware else ""
+    return (sum(minutes) if minutes else None), hardware
 
 
 def row_for(label: str, folder: Path) -> dict:

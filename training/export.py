@@ -104,7 +104,8 @@ def wall_time(config: dict, history: list[dict]) -> str:
     if not log:
         return "commands not logged" + clocks
     parts = [f"{e['command'].split()[1]} {e['seconds'] / 60:.1f} min" for e in log]
-    return f"{', '.join(parts)} ({log[-1]['hardware']}){clocks}"
+    trained = next((e for e in log if e["command"].split()[1] in ("train", "all")), log[-1])
+    return f"{', '.join(parts)} (trained on {trained['hardware']}){clocks}"
 
 
 def levels_section(model) -> list[str]:
