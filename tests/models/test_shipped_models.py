@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 WEIGHTS = ROOT / "weights"
 SAMPLES = sorted((ROOT / "samples" / "cifar10-jpeg-test").glob("*.jpg"))
 SHIPPED = sorted(p.parent.name for p in WEIGHTS.glob("*/manifest.json"))
-DEFAULT_MODEL = "acs_ranked_fastnet"
+DEFAULT_MODEL = "acs_ranked_fastnet_wide"
 
 
 def test_the_default_model_and_its_dense_baseline_ship():

@@ -47,7 +47,7 @@ def text(driver, element_id: str) -> str:
 
 
 def api_answer(url: str, data: bytes, budget: float, **headers) -> dict:
-    response = httpx.post(f"{url}/v1/models/acs_ranked_fastnet/predict",
+    response = httpx.post(f"{url}/v1/models/acs_ranked_fastnet_wide/predict",
                           params={"budget": budget, "policy": "threshold"},
                           files={"file": ("image.jpg", data, "image/jpeg")}, headers=headers, timeout=30)
     return response.json()
@@ -64,7 +64,7 @@ def test_page_predicts_follows_the_slider_sweeps_and_shows_errors(browser, tmp_p
     with ThreadedServer(str(ROOT / "weights")) as server:
         browser.get(server.url + "/")
         wait(browser, lambda d: d.find_elements("css selector", "#model option"))
-        assert "acs_ranked_fastnet" in browser.find_element("id", "model").get_attribute("value")
+        assert "acs_ranked_fastnet_wide" in browser.find_element("id", "model").get_attribute("value")
         browser.find_element("id", "file").send_keys(str(SAMPLE))
         wait(browser, lambda d: text(d, "ratio") != "–")
         full = api_answer(server.url, SAMPLE.read_bytes(), 1.0)["predictions"][0]
@@ -97,7 +97,7 @@ def test_page_predicts_follows_the_slider_sweeps_and_shows_errors(browser, tmp_p
         bad.write_text("not an image")
         browser.find_element("id", "file").send_keys(str(bad))
         wait(browser, lambda d: d.find_element("id", "error").is_displayed())
-        expected = httpx.post(f"{server.url}/v1/models/acs_ranked_fastnet/predict",
+        expected = httpx.post(f"{server.url}/v1/models/acs_ranked_fastnet_wide/predict",
                               files={"file": ("notes.txt", b"not an image", "text/plain")}).json()["error"]
         assert text(browser, "error") == expected
         assert expected.startswith("could not decode image: not an image")
