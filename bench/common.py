@@ -40,7 +40,7 @@ def percentile(values: list[float], q: float) -> float:
 def plot_by_batch(rows: list[dict], path: str, x: str, y: str, xlabel: str, ylabel: str,
                   scale: float = 1.0, decorate=None) -> None:
     """A PNG with one panel per batch size and one line per model: rows' y (times `scale`)
-    against x. `decorate(ax)` adds to each panel."""
+    against x. `decorate(ax, batch)` adds to each panel."""
     from matplotlib.figure import Figure
 
     batches = sorted({r["batch"] for r in rows})
@@ -50,7 +50,7 @@ def plot_by_batch(rows: list[dict], path: str, x: str, y: str, xlabel: str, ylab
             pts = [r for r in rows if r["model"] == model and r["batch"] == batch]
             ax.plot([r[x] for r in pts], [scale * r[y] for r in pts], "o-", label=model)
         if decorate:
-            decorate(ax)
+            decorate(ax, batch)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.set_title(f"batch {batch}")

@@ -177,14 +177,12 @@ def plot(result: dict, path: str) -> None:
              "model": f"{dynamic} (budgets)" if r["model"] == dynamic else "dense networks"}
             for n in batches for r in sorted(rows, key=lambda r: r[f"batch{n}_ms"])]
 
-    panels = iter(sorted({r["batch"] for r in flat}))
-
-    def names(ax):  # each dense network's name beside its point
-        batch = next(panels)
+    def names(ax, batch):  # each dense network's name beside its point
         for r in flat:
             if r["batch"] == batch and r["model"] == "dense networks":
                 ax.annotate(r["name"], (r["ms"], r["top1"]), fontsize=7, xytext=(4, -8),
                             textcoords="offset points")
+
     plot_by_batch(flat, path, "ms", "top1", "median latency (ms), served precision", "top-1 (%)",
                   decorate=names)
 

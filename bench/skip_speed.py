@@ -184,7 +184,7 @@ def plot(rows: list[dict], path: str) -> None:
     gated = [{**r, "model": f"{r['model']} ({r['dtype']})"} for r in rows if r["model"] in gated_models]
     plot_by_batch(gated, path, "mac_ratio", "vs_budget_1", "executed-MAC ratio",
                   "latency / latency at budget 1.0",
-                  decorate=lambda ax: ax.plot([0, 1], [0, 1], "k:", lw=1, label="time = MACs"))
+                  decorate=lambda ax, _: ax.plot([0, 1], [0, 1], "k:", lw=1, label="time = MACs"))
 
 
 def main() -> None:

@@ -38,8 +38,8 @@ class Job:
     future: asyncio.Future
     min_budget: float | None = None  # the lowest budget it may run at (None: its budget)
     enqueued: float = field(default_factory=time.monotonic)
-    run_budget: float | None = None  # the budget it ran at (lowered by the latency objective)
-    lowered: str | None = None  # why it was lowered
+    run_budget: float = field(init=False)  # the budget it ran at (lowered by the latency objective)
+    lowered: str | None = field(default=None, init=False)  # why it was lowered
 
     def __post_init__(self) -> None:
         if self.min_budget is None:
@@ -243,10 +243,12 @@ class Batcher:
         floors = [table.floor] if self.model.adaptive else table.budgets
         for n in sizes:
             x = torch.zeros(n, 3, size, size, device=self.device, dtype=self.dtype)
-            points = {1.0: self._timed(x, 1.0, "threshold")}
+            timings = [self._timed(x, 1.0, "threshold")]
+            points = {1.0: timings[0]}  # budget 1.0: the threshold call's time
             for budget in floors:
-                points.setdefault(budget, self._timed(x, budget, "topk"))
-            self.seconds_per_image = max(self.seconds_per_image, sum(points.values()) / len(points))
+                timings.append(self._timed(x, budget, "topk"))
+                points.setdefault(budget, timings[-1])
+            self.seconds_per_image = max(self.seconds_per_image, sum(timings) / len(timings))
         self.times.measured(points)  # at the largest batch, every variant warm
 
     def _timed(self, x: torch.Tensor, budget: float, policy: str) -> float:

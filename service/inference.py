@@ -71,10 +71,9 @@ async def infer(request: Request, served, images: torch.Tensor, params: PredictP
     budget = served.default_budget if budget is None else budget
     check_floor(params.min_budget, budget)
     policy = policy or served.default_policy
-    floor = budget if params.min_budget is None else params.min_budget
     if served.batcher.closed:  # reloaded while this request was decoded: the new one takes it
         served = request.app.state.server.model(served.name)
-    served.batcher.submit(Job(images, budget, policy, deadline, future, floor))
+    served.batcher.submit(Job(images, budget, policy, deadline, future, params.min_budget))
     try:
         return await asyncio.wait_for(future, max(deadline - time.monotonic(), 0)), budget, policy
     except TimeoutError:

@@ -240,6 +240,11 @@ def run_evaluate(args: argparse.Namespace) -> None:
     result = evaluate(model, data.test_x[splits.test], data.test_y[splits.test], data.mean, data.std,
                       device, args.budgets, tuple(args.policies))
     write_report(result, Path(args.run), f"{Path(args.run).name} ({result['images']} test images)")
+    print_rows(result)
+
+
+def print_rows(result: dict) -> None:
+    """An evaluation's rows, one line each."""
     for row in result["rows"]:
         print(f"  {row['policy']:9s} budget {row['budget']:.3f}  top-1 {100 * row['top1']:.2f}%  "
               f"MACs {row['ratio_mean']:.3f} mean, {row['ratio_p95']:.3f} p95, {row['ratio_max']:.3f} max")
@@ -279,11 +284,8 @@ def run_command(args: argparse.Namespace) -> int:
               f"mean {data.mean}, std {data.std}")
         return 0
     if args.command == "recalibrate":
-        result = recalibrate(args.weights, load_dataset(args.data), args.limit, args.test_limit,
-                             args.budgets, tuple(args.policies))
-        for row in result["rows"]:
-            print(f"  {row['policy']:9s} budget {row['budget']:.3f}  top-1 {100 * row['top1']:.2f}%  "
-                  f"MACs {row['ratio_mean']:.3f} mean")
+        print_rows(recalibrate(args.weights, load_dataset(args.data), args.limit, args.test_limit,
+                               args.budgets, tuple(args.policies)))
         return 0
     if args.command == "precision":
         result = check_precision(args.weights, load_dataset(args.data), args.budgets,

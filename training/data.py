@@ -78,6 +78,7 @@ def load_dataset(source: str | Path, cache: str | Path | None = None, image_size
     write_cache(data, cache, source)
     return data
 
+
 TEST_FRACTION = 0.1  # of every class, held out as the test split of a source without one
 
 

@@ -22,6 +22,7 @@ from .data import normalize
 EVAL_JSON = "eval.json"
 EVAL_MD = "eval.md"
 PLOT = "accuracy_vs_macs.png"
+ACCURACY_SECTION = "## Accuracy and executed MACs on the test split"  # in the model card
 
 
 def default_budgets(model: GatedNetwork, step: float = 0.1) -> list[float]:
@@ -88,6 +89,12 @@ def markdown_table(result: dict) -> str:
                      f"{r['mmacs_mean']:.3g} | {r['ratio_mean']:.3f} | {r['ratio_p95']:.3f} | "
                      f"{r['ratio_max']:.3f} |")
     return "\n".join(lines) + "\n"
+
+
+def card_section(result: dict) -> str:
+    """The model card's accuracy section: the table and the plot."""
+    return (f"{ACCURACY_SECTION} ({result['images']} images)\n\n{markdown_table(result)}\n"
+            f"![accuracy vs MACs]({PLOT})")
 
 
 def plot(result: dict, path: Path, title: str) -> None:

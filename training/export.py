@@ -13,7 +13,8 @@ import torch
 
 from models.core.checkpoint import load_checkpoint, save_checkpoint
 
-from .evaluate import EVAL_JSON, PLOT, markdown_table
+from .evaluate import EVAL_JSON, PLOT
+from .evaluate import card_section as evaluation_section
 from .state import CALIBRATION, load_trained, read_config, read_progress
 
 
@@ -152,8 +153,7 @@ def model_card(name: str, config: dict, progress: dict, model, result: dict | No
         lines.append(f"| **subset** | every split capped at {train['limit']} images: a smoke run |")
     lines += levels_section(model)
     if result:
-        lines += ["", f"## Accuracy and executed MACs on the test split ({result['images']} images)", "",
-                  markdown_table(result), f"![accuracy vs MACs]({PLOT})"]
+        lines += ["", evaluation_section(result)]
     if config.get("log"):
         lines += ["", "## Reproduce", "", "The `acs-train` commands this model came from, in order "
                   "(then `acs-train export`):", "", "```",

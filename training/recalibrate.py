@@ -14,9 +14,7 @@ from models.core.checkpoint import load_checkpoint, write_manifest
 
 from .calibrate import calibrate
 from .data import Dataset, holdout_split, subset
-from .evaluate import PLOT, evaluate, markdown_table, write_report
-
-SECTION = "## Accuracy and executed MACs on the test split"
+from .evaluate import ACCURACY_SECTION, card_section, evaluate, write_report
 
 
 def recalibrate(directory: str | Path, data: Dataset, limit: int | None = None,
@@ -46,10 +44,10 @@ def recalibrate(directory: str | Path, data: Dataset, limit: int | None = None,
     write_report(result, directory, f"{manifest['name']} ({result['images']} test images)")
     card = directory / "README.md"
     if card.is_file():
-        section = (f"{SECTION} ({result['images']} images)\n\n{markdown_table(result)}\n"
-                   f"![accuracy vs MACs]({PLOT})\n\n(`acs-train recalibrate`: table refit on "
+        section = (f"{card_section(result)}\n\n(`acs-train recalibrate`: table refit on "
                    f"{len(held)} calibration images)\n")
         text = card.read_text()
-        text = re.sub(rf"{re.escape(SECTION)}.*?(?=\n## |\Z)", lambda _: section, text, flags=re.S)
+        text = re.sub(rf"{re.escape(ACCURACY_SECTION)}.*?(?=\n## |\Z)", lambda _: section, text,
+                      flags=re.S)
         card.write_text(text)
     return result
