@@ -25,7 +25,7 @@ from common import plot_by_batch
 
 from models.core.budget import POLICIES
 from models.core.checkpoint import load_checkpoint
-from models.core.registry import compact
+from models.engines.compact import compact
 from training.data import load_dataset, normalize
 
 

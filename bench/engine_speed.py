@@ -34,15 +34,15 @@ import torch
 from common import round_robin_ms
 
 from models.core.checkpoint import load_checkpoint
-from models.core.engine import (
+from models.core.registry import create_model
+from models.engines.precision import serving_dtype
+from models.engines.variants import (
     OpenVINORuntime,
     TorchRuntime,
     engine_name,
     executor_for,
     openvino_available,
 )
-from models.core.precision import serving_dtype
-from models.core.registry import create_model
 from models.networks.fastnet import FastVariant
 from service.imaging import preprocess
 

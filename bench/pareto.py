@@ -32,8 +32,8 @@ from common import plot_by_batch, round_robin_ms
 from engine_speed import SAMPLES, rotating, sample_images, test_images
 
 from models.core.checkpoint import load_checkpoint, read_manifest
-from models.core.engine import engine_name, executor_for
-from models.core.precision import serving_dtype
+from models.engines.precision import serving_dtype
+from models.engines.variants import engine_name, executor_for
 
 ROOT = Path(__file__).resolve().parents[1]
 BUDGETS = (0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.9, 1.0)

@@ -66,8 +66,8 @@ from peer_servers.classifier import Classifier
 
 from models.core.budget import POLICIES
 from models.core.checkpoint import load_checkpoint
-from models.core.engine import VariantExecutor, executor_for
-from models.core.precision import serving_dtype
+from models.engines.precision import serving_dtype
+from models.engines.variants import VariantExecutor, executor_for
 
 PEER_DIR = Path(__file__).resolve().parent / "peer_servers"
 PHOTOS = sorted((Path(__file__).resolve().parents[1] / "samples" / "cifar10-jpeg-test").glob("*.jpg"))

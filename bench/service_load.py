@@ -43,8 +43,8 @@ from load_clients import closed_loop, hey_closed_loop, open_loop, perf_analyzer_
 
 from models.core.budget import POLICIES
 from models.core.checkpoint import load_checkpoint
-from models.core.engine import VariantExecutor, executor_for
-from models.core.precision import serving_dtype
+from models.engines.precision import serving_dtype
+from models.engines.variants import VariantExecutor, executor_for
 from service.config import from_env
 from service.imaging import preprocess
 

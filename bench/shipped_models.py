@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 from skip_speed import SAMPLES, measure
 
-from models.core.allocator import keep_freed_memory
 from models.core.budget import POLICIES
 from models.core.checkpoint import read_manifest
-from models.core.precision import DTYPES, serving_dtype
+from models.engines.allocator import keep_freed_memory
+from models.engines.precision import DTYPES, serving_dtype
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
 BUDGETS = (1.0, 0.75, 0.5, 0.25)

@@ -30,13 +30,13 @@ from pathlib import Path
 import torch
 from common import plot_by_batch
 
-from models.core.allocator import keep_freed_memory
 from models.core.budget import POLICIES
 from models.core.checkpoint import load_checkpoint
-from models.core.compact import CompactExecutor
-from models.core.engine import executor_for
-from models.core.precision import DTYPES
-from models.core.registry import compact, create_model
+from models.core.registry import create_model
+from models.engines.allocator import keep_freed_memory
+from models.engines.compact import CompactExecutor, compact
+from models.engines.precision import DTYPES
+from models.engines.variants import executor_for
 
 MODELS = {
     "acs_densenet40": lambda: create_model("acs_densenet40", gate="acs"),

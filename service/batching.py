@@ -65,8 +65,8 @@ class JobResult:
 
 
 class Executor(Protocol):
-    """What runs a model's batches (models.core.engine.VariantExecutor or
-    models.core.compact.CompactExecutor): logits and, with return_info, the plan, masks and
+    """What runs a model's batches (models.engines.variants.VariantExecutor or
+    models.engines.compact.CompactExecutor): logits and, with return_info, the plan, masks and
     cost of every image."""
 
     def __call__(self, x: torch.Tensor, budget: torch.Tensor | float | None = None,

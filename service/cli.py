@@ -9,7 +9,7 @@ import threading
 
 import uvicorn
 
-from models.core.allocator import keep_freed_memory
+from models.engines.allocator import keep_freed_memory
 
 from .app import create_app
 from .config import parse_args

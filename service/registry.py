@@ -12,8 +12,8 @@ import torch
 
 from models.core.budget import POLICIES
 from models.core.checkpoint import MANIFEST, CheckpointError, load_checkpoint
-from models.core.engine import VariantExecutor, engine_name, executor_for
-from models.core.precision import serving_dtype
+from models.engines.precision import serving_dtype
+from models.engines.variants import VariantExecutor, engine_name, executor_for
 
 from .batching import Batcher
 

@@ -13,7 +13,7 @@ from tests.conftest import randomize_bn
 
 def precision_pairs(model) -> dict:
     """float32 and float64 (model, compact executor) pairs of one model."""
-    from models.core.registry import compact
+    from models.engines.compact import compact
 
     double = copy.deepcopy(model).double()
     return {torch.float32: (model, compact(model)), torch.float64: (double, compact(double))}

@@ -18,7 +18,7 @@ DFS). For each budget b of a grid (the floor, then every `step` up to 1.0):
 So the table is monotone: tau never increases and no count decreases with the budget.
 
 A slimmable network's cost does not depend on the input: its table is exact without data,
-and calibration re-estimates each width's BN statistics instead (`recalibrate_widths`).
+and calibration re-estimates each width's BN statistics instead (`recalibrate_network`).
 
 A network of width levels (`LevelNetwork`) keeps its exact table for topk, and calibration
 fits its threshold cascade (`fit_cascade`): for every budget of a fine grid, the probe level,
@@ -34,9 +34,8 @@ import torch
 
 from models.core.base import GatedNetwork
 from models.core.budget import TAU_CLOSED, CalibrationTable, budget_grid
-from models.core.engine import VariantExecutor
 from models.core.levels import LevelNetwork, uncertainty
-from models.networks.slimmable import SlimmableResNet, recalibrate_bn
+from models.engines.variants import VariantExecutor
 
 from .data import normalize
 from .evaluate import measure
@@ -235,12 +234,13 @@ def fitted_counts(model: GatedNetwork, kept: torch.Tensor, budget: float, lower:
     return counts
 
 
-def recalibrate_widths(model: SlimmableResNet, images: torch.Tensor, mean, std, device="cpu",
-                       batch_size: int = 256) -> int:
-    """Re-estimate every width level's BN statistics on uint8 images; returns batches read."""
+def recalibrate_network(model: GatedNetwork, images: torch.Tensor, mean, std, device="cpu",
+                        batch_size: int = 256) -> int:
+    """The network's own re-estimation after training (`GatedNetwork.recalibrate`: a slimmable
+    network's per-width BN statistics) on uint8 images; returns batches read (0: none needed)."""
     batches = (normalize(images[start : start + batch_size].to(device), mean, std)
                for start in range(0, len(images), batch_size))
-    return recalibrate_bn(model, batches)
+    return model.recalibrate(batches)
 
 
 @torch.no_grad()

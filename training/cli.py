@@ -25,9 +25,8 @@ from pathlib import Path
 from models.core.budget import POLICIES
 from models.core.levels import LevelNetwork
 from models.core.registry import architecture_names, model_names
-from models.networks.slimmable import SlimmableResNet
 
-from .calibrate import bn_check, calibrate, cascade_table, recalibrate_widths
+from .calibrate import bn_check, calibrate, cascade_table, recalibrate_network
 from .config import TrainConfig, load_splits, resume_config, run_config
 from .data import default_cache, load_dataset
 from .evaluate import evaluate, write_report
@@ -35,7 +34,7 @@ from .export import export
 from .precision import BUDGETS, card_section, check_precision
 from .recalibrate import recalibrate
 from .recipe import RECIPES, recipe_defaults
-from .state import CALIBRATION, CONFIG, load_trained, log_command, save_bn_stats, write_json
+from .state import CALIBRATION, CONFIG, load_trained, log_command, save_calibrated_state, write_json
 from .train import pick_device, train
 
 SUPPRESS = argparse.SUPPRESS
@@ -208,11 +207,11 @@ def run_calibrate(args: argparse.Namespace) -> None:
     images, labels = data.train_x[splits.calibration], data.train_y[splits.calibration]
     model = load_trained(Path(args.run), calibrated=False).to(device)
     started = time.time()
-    if isinstance(model, SlimmableResNet):
-        batches = recalibrate_widths(model, images, data.mean, data.std, device)
-        save_bn_stats(Path(args.run), model)
-        print(f"re-estimated the BN statistics of {len(model.config.width_levels)} widths "
-              f"on {len(images)} images ({batches} batches)")
+    batches = recalibrate_network(model, images, data.mean, data.std, device)
+    if batches:
+        save_calibrated_state(Path(args.run), model)
+        print(f"re-estimated the network's calibrated state ({len(model.calibrated_state())} "
+              f"tensors) on {len(images)} images ({batches} batches)")
     if isinstance(model, LevelNetwork):
         model.table = cascade_table(model, images, labels, data.mean, data.std, device)
     else:

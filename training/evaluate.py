@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 
 from models.core.base import GatedNetwork
 from models.core.budget import POLICIES
-from models.core.engine import VariantExecutor
+from models.engines.variants import VariantExecutor
 
 from .data import normalize
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 
 from models.core.checkpoint import load_checkpoint, read_manifest, write_manifest
-from models.core.engine import VariantExecutor, engine_name, executor_for
-from models.core.precision import BF16_TOLERANCE, DTYPES
+from models.engines.precision import BF16_TOLERANCE, DTYPES
+from models.engines.variants import VariantExecutor, engine_name, executor_for
 
 from .data import Dataset, normalize
 

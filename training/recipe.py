@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from models.core.precision import bf16_supported
+from models.engines.precision import bf16_supported
 
 from .config import TrainConfig
 

@@ -6,7 +6,7 @@ runs/<name>/checkpoint.safetensors   model and optimizer tensors, written after 
                                      epoch, step, position in the epoch, history and the
                                      optimizer's scalars (one file, replaced atomically)
 runs/<name>/calibration.json         the calibration table (`calibrate`)
-runs/<name>/bn_stats.safetensors     BN statistics re-estimated by `calibrate` (slimmable)
+runs/<name>/bn_stats.safetensors     state re-estimated by `calibrate` (slimmable: BN statistics)
 runs/<name>/eval.json, eval.md, accuracy_vs_macs.png   (`evaluate`)
 """
 
@@ -28,7 +28,7 @@ from models.core.registry import build_model
 CONFIG = "config.json"
 CHECKPOINT = "checkpoint.safetensors"
 CALIBRATION = "calibration.json"
-BN_STATS = "bn_stats.safetensors"
+CALIBRATED_STATE = "bn_stats.safetensors"  # the name older runs have
 LOOKAHEAD = "lookahead"
 RNG = "rng"  # the random generators' states of a checkpoint written within an epoch
 
@@ -118,11 +118,9 @@ def init_weights(model: torch.nn.Module, run: Path) -> list[str]:
     return sorted(set(own) - set(source))
 
 
-def save_bn_stats(run: Path, model: torch.nn.Module) -> None:
-    """Write the model's BatchNorm statistics (running mean, variance, batch counts)."""
-    stats = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
-             if k.rsplit(".", 1)[-1] in ("running_mean", "running_var", "num_batches_tracked")}
-    save_tensors(run / BN_STATS, stats)
+def save_calibrated_state(run: Path, model: GatedNetwork) -> None:
+    """Write what calibration re-estimated (`GatedNetwork.calibrated_state`) beside the weights."""
+    save_tensors(run / CALIBRATED_STATE, model.calibrated_state())
 
 
 def cpu_name() -> str:
@@ -165,6 +163,6 @@ def load_trained(run: Path, calibrated: bool = True) -> GatedNetwork:
     load_state(run, model)
     if calibrated and (run / CALIBRATION).is_file():
         model.table = CalibrationTable.from_dict(json.loads((run / CALIBRATION).read_text()))
-    if calibrated and (run / BN_STATS).is_file():
-        model.load_state_dict({**model.state_dict(), **load_file(run / BN_STATS)})
+    if calibrated and (run / CALIBRATED_STATE).is_file():
+        model.load_state_dict({**model.state_dict(), **load_file(run / CALIBRATED_STATE)})
     return model.eval()

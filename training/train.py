@@ -111,16 +111,17 @@ def seeded(seed: int, epoch: int, stream: int, device: torch.device | str = "cpu
     return torch.Generator(device).manual_seed((seed * 100_003 + epoch) * 1_009 + stream)
 
 
-WHITENING_IMAGES = 5000
+PREPARE_IMAGES = 5000
 
 
 def initialize(model: GatedNetwork, cfg: TrainConfig, images: torch.Tensor, data) -> None:
-    """Weights from a trained run (`init_from`), else a whitening layer set from the data."""
+    """Weights from a trained run (`init_from`), else what the network derives from the data
+    (`prepare`: FastNet's whitening layer)."""
     if cfg.init_from:
         init_weights(model, Path(cfg.init_from))
         model.order_channels()
-    elif hasattr(model, "init_whitening"):
-        model.init_whitening(normalize(images[:WHITENING_IMAGES], data.mean, data.std))
+    else:
+        model.prepare(normalize(images[:PREPARE_IMAGES], data.mean, data.std))
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> GatedNetwork:

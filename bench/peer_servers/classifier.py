@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from models.core.checkpoint import load_checkpoint
-from models.core.precision import serving_dtype
+from models.engines.precision import serving_dtype
 from service.config import Settings
 from service.imaging import preprocess
 

@@ -4,6 +4,7 @@ the calibration table, the data-free table."""
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -67,12 +68,26 @@ class GatedNetwork(nn.Module):
 
     def variants(self) -> list[nn.Module] | None:
         """Dense eval-mode modules (normalized images -> logits) that compute this network, for
-        a runtime to compile (`models.core.engine`); None: the compact executor runs it."""
+        a runtime to compile (`models.engines.variants`); None: the compact executor runs it."""
         return None
+
+    # Training hooks: `training/` calls these and knows no network by name.
+    def prepare(self, images: torch.Tensor) -> None:
+        """Before a fresh run's first step: set what the network derives from data (normalized
+        training images, (N, 3, H, W)); by default nothing."""
 
     def order_channels(self) -> None:
         """Reorder channels after loading dense weights, so that prefixes keep the important
         ones (a network whose budget keeps prefixes); by default nothing."""
+
+    def recalibrate(self, batches: Iterable[torch.Tensor]) -> int:
+        """After training, at calibration: re-estimate what training left stale from normalized
+        image batches; returns the batches read (by default none: nothing is stale)."""
+        return 0
+
+    def calibrated_state(self) -> dict[str, torch.Tensor]:
+        """The tensors `recalibrate` sets, which a run saves beside its weights (default none)."""
+        return {}
 
     def gated_totals(self) -> list[int]:
         """Channels of each gated layer, in execution order."""

@@ -2,7 +2,7 @@
 
 A `LevelNetwork` runs every image at one of its width levels (`level_counts`: the channels
 every gated layer keeps, a prefix). Each level is a dense network of contiguous weight
-slices (`variant(level)`), which an engine (`models.core.engine`) compiles once. The budget
+slices (`variant(level)`), which an engine (`models.engines.variants`) compiles once. The budget
 routes each image (`routes`):
 
 - `topk`: the widest level whose MAC ratio is <= the budget (every image the same);

@@ -9,6 +9,10 @@ name (`densenet`, `fastnet`) is a network class with its config's defaults. `cre
 resolves a name given by a person (the training CLI, benchmarks), and model names win where
 the two meet (`fastnet` is the dense model; the gated one is `acs_fastnet`). A manifest
 stores the architecture and its full config, which `build_model` rebuilds exactly.
+
+The registry imports no network: the package that holds them (`models.networks`) registers
+them when it is imported, and `models` imports it, so whoever imports from `models` finds
+every network registered (as timm's registry never imports its model files).
 """
 
 from __future__ import annotations
@@ -18,7 +22,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .base import GatedNetwork
-from .compact import CompactExecutor
 
 
 @dataclass(frozen=True)
@@ -52,20 +55,13 @@ def register_model(network: type[GatedNetwork], smoke: dict | None = None):
     return register
 
 
-def _models() -> dict[str, ModelRecord]:
-    """Every registered model (importing the networks registers them)."""
-    import models.networks  # noqa: F401
-
-    return MODELS
-
-
 def _networks() -> dict[str, type[GatedNetwork]]:
     """Architecture name -> network class, over the registered models."""
-    return {r.architecture: r.network for r in _models().values()}
+    return {r.architecture: r.network for r in MODELS.values()}
 
 
 def model_names() -> list[str]:
-    return sorted(_models())
+    return sorted(MODELS)
 
 
 def architecture_names() -> list[str]:
@@ -90,7 +86,7 @@ def build_model(architecture: str, config: dict) -> GatedNetwork:
 def create_model(name: str, **overrides) -> GatedNetwork:
     """A freshly initialized model by name: a registered model with config overrides, else
     an architecture with its config defaults and the overrides."""
-    if name in _models():
+    if name in MODELS:
         return MODELS[name].factory(**overrides)
     if name in _networks():
         return build_model(name, overrides)
@@ -98,7 +94,7 @@ def create_model(name: str, **overrides) -> GatedNetwork:
                      f"or an architecture ({', '.join(architecture_names())})")
 
 
-def _registered(model: GatedNetwork) -> type[GatedNetwork]:
+def registered(model: GatedNetwork) -> type[GatedNetwork]:
     """The model's network class, checked to be a registered architecture."""
     if _networks().get(getattr(model, "architecture", None)) is not type(model):
         raise TypeError(f"not a registered architecture: {type(model).__name__}")
@@ -107,11 +103,6 @@ def _registered(model: GatedNetwork) -> type[GatedNetwork]:
 
 def describe(model: GatedNetwork) -> tuple[str, dict]:
     """(architecture name, config dict) of a model, as stored in a manifest."""
-    _registered(model)
+    registered(model)
     return model.architecture, model.config.to_dict()
 
-
-def compact(model: GatedNetwork) -> CompactExecutor:
-    """The compact inference executor of a model (puts the model in eval mode)."""
-    _registered(model)
-    return CompactExecutor(model)

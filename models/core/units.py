@@ -12,7 +12,7 @@ blocks, a head. A unit describes itself once:
   never computed.
 
 `GatedNetwork.run` and `macs` and the compact executor are these three walks, written once
-here and in `core/compact.py`. The states are dicts of batch-first tensors; a unit reads
+here and in `engines/compact.py`. The states are dicts of batch-first tensors; a unit reads
 what the unit before it wrote ("x" the input, "h" the features, "logits" at the end).
 """
 

@@ -242,7 +242,7 @@ class FastNet(GatedNetwork):
         return WHITEN_KERNEL - 1 + 2 ** len(self.config.widths)
 
     @torch.no_grad()
-    def init_whitening(self, images: torch.Tensor, eps: float = 5e-4) -> None:
+    def prepare(self, images: torch.Tensor, eps: float = 5e-4) -> None:
         """Set the frozen whitening filters from normalized images (N, 3, H, W): the 2x2
         patches' covariance eigenvectors scaled by 1/sqrt(eigenvalue + eps), and their negatives."""
         k = WHITEN_KERNEL

@@ -367,6 +367,17 @@ class SlimmableResNet(GatedNetwork):
         self.check_input(x)
         return self.run(x, self.width_plan(width, x.shape[0], x.device))[0]
 
+    # --- training hooks ---------------------------------------------------------------
+
+    def recalibrate(self, batches: Iterable[torch.Tensor]) -> int:
+        """Every width's BN statistics, re-estimated (`recalibrate_bn`)."""
+        return recalibrate_bn(self, batches)
+
+    def calibrated_state(self) -> dict[str, torch.Tensor]:
+        """The switchable BN layers' statistics."""
+        return {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()
+                if k.rsplit(".", 1)[-1] in ("running_mean", "running_var", "num_batches_tracked")}
+
 
 @torch.no_grad()
 def recalibrate_bn(model: SlimmableResNet, batches: Iterable[torch.Tensor],

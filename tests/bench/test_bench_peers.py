@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from models.core.checkpoint import load_checkpoint, save_checkpoint
-from models.core.registry import compact, create_model
+from models.core.registry import create_model
+from models.engines.compact import compact
 from service.imaging import preprocess
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"

@@ -23,7 +23,8 @@ import torch
 
 from models.acs.dgconv import DGConv2d
 from models.core.checkpoint import load_checkpoint, save_checkpoint
-from models.core.registry import MODELS, compact, create_model, describe, model_names, register_model
+from models.core.registry import MODELS, create_model, describe, model_names, register_model
+from models.engines.compact import compact
 from tests.dynamic_helpers import assert_compact_matches, fvcore_macs, infer, randomize_all_bn
 
 

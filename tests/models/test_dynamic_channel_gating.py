@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from models.core.registry import compact
+from models.engines.compact import compact
 from models.networks.channel_gating import CGResNet, CGResNetConfig, cg_resnet20, resnet20
 from tests.conftest import randomize_bn
 from tests.dynamic_helpers import assert_compact_matches, fvcore_macs, infer

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from models.core.registry import compact
+from models.engines.compact import compact
 from models.networks.dfs import (
     BITOPS_LABEL,
     DFSResNet,

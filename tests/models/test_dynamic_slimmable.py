@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from models.core.registry import compact
+from models.engines.compact import compact
 from models.networks.slimmable import (
     SlimmableResNet,
     SlimmableResNetConfig,

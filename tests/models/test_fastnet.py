@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from models.core.checkpoint import load_checkpoint, save_checkpoint
-from models.core.registry import compact
+from models.engines.compact import compact
 from models.networks.fastnet import FastNet, FastNetConfig, acs_fastnet, fastnet
 from tests.conftest import randomize_bn
 from tests.dynamic_helpers import assert_compact_matches, fvcore_macs
@@ -74,7 +74,7 @@ def test_a_batch_under_threshold_runs_the_union_of_its_keeps_in_plain_convolutio
     assert all((mask == mask[:1]).all() for mask in info.masks)  # one union per layer
     own = model(x, budget=budget, policy="threshold", return_info=True)[1].cost.executed
     assert (info.cost.executed >= own).all() and (info.cost.executed > own).any()
-    from models.core.compact import UNION_BATCH  # a larger batch shares unions chunk by chunk
+    from models.engines.compact import UNION_BATCH  # a larger batch shares unions chunk by chunk
     big = torch.randn(UNION_BATCH + 4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     groups.clear()
     monkeypatch.setattr(models.core.gather, "conv2d",
@@ -132,7 +132,7 @@ def test_whitening_layer_whitens_patches():
     images = torch.randn(64, 3, 16, 16, generator=g)
     images = images + images.roll(1, 1) + images.roll(1, 3)  # correlated channels and pixels
     model = tiny()
-    model.init_whitening(images)
+    model.prepare(images)
     half = model.whiten.weight.shape[0] // 2
     with torch.no_grad():
         out = torch.nn.functional.conv2d(images, model.whiten.weight[:half])

@@ -8,8 +8,14 @@ import pytest
 import torch
 
 from models.core.budget import CalibrationTable
-from models.core.engine import VariantExecutor, engine_name, executor_for, openvino_available, pick_runtime
 from models.core.registry import create_model
+from models.engines.variants import (
+    VariantExecutor,
+    engine_name,
+    executor_for,
+    openvino_available,
+    pick_runtime,
+)
 from tests.conftest import randomize_bn
 from training.calibrate import NEVER_TAU, fit_cascade, level_logits
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from models.core.checkpoint import load_checkpoint, read_manifest
-from models.core.engine import VariantExecutor, executor_for, openvino_available
-from models.core.precision import serving_dtype
+from models.engines.precision import serving_dtype
+from models.engines.variants import VariantExecutor, executor_for, openvino_available
 from service.imaging import preprocess
 
 ROOT = Path(__file__).resolve().parents[2]

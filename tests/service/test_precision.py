@@ -6,10 +6,11 @@ import copy
 import pytest
 import torch
 
-import models.core.precision
+import models.engines.precision
 from models.core.checkpoint import read_manifest, write_manifest
-from models.core.precision import serving_dtype
-from models.core.registry import compact, create_model, model_names
+from models.core.registry import create_model, model_names
+from models.engines.compact import compact
+from models.engines.precision import serving_dtype
 from tests.dynamic_helpers import randomize_all_bn
 from tests.service_helpers import encode, make_client, make_weights, wait_ready
 
@@ -41,11 +42,11 @@ def test_the_dtype_setting(monkeypatch):
     drops = {"dtypes": {"bfloat16": {"top1_drop_max": 0.0021}}}
     assert serving_dtype("float32", cpu, holds) == torch.float32
     assert serving_dtype("bfloat16", cpu, drops) == torch.bfloat16  # asked for: served
-    monkeypatch.setattr(models.core.precision, "bf16_supported", lambda device: True)
+    monkeypatch.setattr(models.engines.precision, "bf16_supported", lambda device: True)
     assert serving_dtype("auto", cpu, holds) == torch.bfloat16
     assert serving_dtype("auto", cpu, drops) == torch.float32  # more than 0.1 point lost
     assert serving_dtype("auto", cpu, {}) == torch.float32  # never measured
-    monkeypatch.setattr(models.core.precision, "bf16_supported", lambda device: False)
+    monkeypatch.setattr(models.engines.precision, "bf16_supported", lambda device: False)
     assert serving_dtype("auto", cpu, holds) == torch.float32  # no fast bfloat16 here
     with pytest.raises(ValueError):
         serving_dtype("float16", cpu, holds)
@@ -55,7 +56,7 @@ def test_a_server_in_bfloat16(tmp_path, monkeypatch):
     weights = make_weights(tmp_path)
     manifest = read_manifest(tmp_path / "tiny")
     write_manifest(tmp_path / "tiny", {**manifest, "dtypes": {"bfloat16": {"top1_drop_max": 0.0}}})
-    monkeypatch.setattr(models.core.precision, "bf16_supported", lambda device: True)
+    monkeypatch.setattr(models.engines.precision, "bf16_supported", lambda device: True)
     with make_client(weights) as c:  # dtype auto: tiny holds (as recorded), cheap never measured
         wait_ready(c.get)
         dtypes = {m["name"]: m["dtype"] for m in c.get("/v1/models").json()["models"]}

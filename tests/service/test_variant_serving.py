@@ -7,8 +7,8 @@ import torch
 
 from models.core.budget import CalibrationTable
 from models.core.checkpoint import save_checkpoint
-from models.core.engine import openvino_available
 from models.core.registry import create_model
+from models.engines.variants import openvino_available
 from tests.conftest import randomize_bn
 from tests.service_helpers import CLASSES, encode, make_client, wait_ready
 

@@ -14,7 +14,7 @@ from PIL import Image
 import training.data
 import training.train
 from models.core.checkpoint import load_checkpoint, read_manifest
-from models.core.registry import compact
+from models.engines.compact import compact
 from models.networks.densenet import ACSDenseNet, DenseNetConfig
 from tests.conftest import randomize_bn
 from training.calibrate import calibrate

@@ -9,13 +9,14 @@ import torch
 from safetensors.torch import load_file
 
 from models.core.checkpoint import load_checkpoint
-from models.core.registry import build_model, compact
+from models.core.registry import build_model
+from models.engines.compact import compact
 from tests.training.test_training import write_folders
 from training.cli import main
 from training.data import load_dataset, normalize
 from training.evaluate import EVAL_JSON
 from training.objective import CostModel, Objective, Pass, training_table
-from training.state import BN_STATS, CHECKPOINT, load_state
+from training.state import CALIBRATED_STATE, CHECKPOINT, load_state
 from training.train import train_step
 
 TINY = {
@@ -64,7 +65,7 @@ def test_cli_trains_calibrates_evaluates_and_exports(folders, tmp_path, arch):
 
 def test_slimmable_calibration_re_estimates_every_widths_bn_statistics(folders, tmp_path):
     run, out = run_all(folders, tmp_path, "slimmable_resnet")
-    stats = load_file(run / BN_STATS)
+    stats = load_file(run / CALIBRATED_STATE)
     trained = build_model("slimmable_resnet", {"num_classes": 3, "input_size": 16,
                                                **TINY["slimmable_resnet"]})
     load_state(run, trained)

@@ -18,11 +18,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .base import ForwardInfo, GatedNetwork
-from .budget import prefix_mask
+from ..core.base import ForwardInfo, GatedNetwork
+from ..core.budget import prefix_mask
+from ..core.levels import LevelNetwork, cascade
+from ..core.macs import Cost
 from .compact import CompactExecutor
-from .levels import LevelNetwork, cascade
-from .macs import Cost
 
 RUNTIMES = ("auto", "openvino", "torch")
 

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import torch
 
-from .base import ForwardInfo, GatedNetwork
-from .budget import BudgetPlan
-from .units import Step
+from ..core.base import ForwardInfo, GatedNetwork
+from ..core.budget import BudgetPlan
+from ..core.registry import registered
+from ..core.units import Step
 
 State = dict
 UNION_BATCH = 8  # a threshold batch shares unions in chunks of this many images: a larger
@@ -108,3 +109,9 @@ class CompactExecutor:
             for full, part in zip(masks, sub_masks, strict=True):
                 full[rows] = part
         return logits, masks
+
+
+def compact(model: GatedNetwork) -> CompactExecutor:
+    """The compact executor of a registered model (puts the model in eval mode)."""
+    registered(model)
+    return CompactExecutor(model)
