@@ -65,6 +65,23 @@ def fmt(value, spec: str = ".1f") -> str:
     return "-" if value is None else format(value, spec)
 
 
+def markdown_table(columns: list[str], rows: list[list]) -> str:
+    """A Markdown table: a header of `columns`, a line per row of cells (any value, shown with
+    str()); a column whose cells are all numbers (or "-") aligns right."""
+    cells = [[str(c) for c in row] for row in rows]
+
+    def numeric(text: str) -> bool:
+        try:
+            float(text.rstrip("%x").replace(",", ""))
+        except ValueError:
+            return text == "-"
+        return True
+    align = ["---:" if cells and all(numeric(row[i]) for row in cells) else "---"
+             for i in range(len(columns))]
+    lines = [columns, align, *cells]
+    return "\n".join("| " + " | ".join(line) + " |" for line in lines)
+
+
 def median_ms(fn, runs: int = 50, warmup: int = 10) -> float:
     """Median wall time of fn() in milliseconds, after `warmup` untimed calls."""
     return round_robin_ms({"fn": fn}, runs, warmup)["fn"]

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import plot_by_batch
+from common import markdown_table, plot_by_batch
 
 from models.core.budget import POLICIES
 from models.core.checkpoint import load_checkpoint
@@ -74,13 +74,11 @@ def measure(folder: str, x: torch.Tensor, labels: torch.Tensor, budgets: list[fl
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | batch | budget | top-1 % | budget ratio (unit) | MAC ratio | ms/batch | ms/image |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['model']} | {r['batch']} | {r['budget']} | {100 * r['top1']:.1f} | "
-                     f"{r['budget_ratio']:.3f} ({r['budget_unit']}) | {r['mac_ratio']:.3f} | "
-                     f"{r['ms_per_batch']:.2f} | {r['ms_per_image']:.2f} |")
-    return "\n".join(lines)
+    return markdown_table(
+        ["model", "batch", "budget", "top-1 %", "budget ratio (unit)", "MAC ratio", "ms/batch", "ms/image"],
+        [[r["model"], r["batch"], r["budget"], f"{100 * r['top1']:.1f}",
+          f"{r['budget_ratio']:.3f} ({r['budget_unit']})", f"{r['mac_ratio']:.3f}",
+          f"{r['ms_per_batch']:.2f}", f"{r['ms_per_image']:.2f}"] for r in rows])
 
 
 def plot(rows: list[dict], path: str) -> None:

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import round_robin_ms
+from common import markdown_table, round_robin_ms
 
 from models.core.checkpoint import load_checkpoint
 from models.core.registry import create_model
@@ -181,24 +181,23 @@ def print_tables(result: dict) -> None:
     m = result["meta"]
     print(f"\n{m['model']} ({m['engine']}, {m['dtype']}, {m['policy']}) against {m['dense']} "
           f"({m['dense_engine']}, {m['dense_dtype']}); {m['threads']} thread(s); {m['cpu']}\n")
-    print("| model | compile s | warm-up s | resident memory added (MiB) |\n|---|---|---|---|")
-    for name, row in result["load"].items():
-        print(f"| {name} | {row['compile_s']:.2f} | {row['warmup_s']:.2f} | {row['rss_mib']:.1f} |")
+    print(markdown_table(["model", "compile s", "warm-up s", "resident memory added (MiB)"],
+                         [[name, f"{row['compile_s']:.2f}", f"{row['warmup_s']:.2f}", f"{row['rss_mib']:.1f}"]
+                          for name, row in result["load"].items()]))
     print()
-    print("| batch | budget | executed | ours ms | reference | its MACs | reference ms | ours/ref | met |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in result["rows"]:
-        print(f"| {r['batch']} | {r['budget']:g} | {r['executed_ratio']:.3f} | {r['ours_ms']:.2f} | "
-              f"{r['reference']} | {r['reference_ratio']:.3f} | {r['reference_ms']:.2f} | "
-              f"{r['vs_reference']:.2f} | {'yes' if r['met'] else 'no'} |")
+    print(markdown_table(
+        ["batch", "budget", "executed", "ours ms", "reference", "its MACs", "reference ms", "ours/ref",
+         "met"],
+        [[r["batch"], f"{r['budget']:g}", f"{r['executed_ratio']:.3f}", f"{r['ours_ms']:.2f}", r["reference"],
+          f"{r['reference_ratio']:.3f}", f"{r['reference_ms']:.2f}", f"{r['vs_reference']:.2f}",
+          "yes" if r["met"] else "no"] for r in result["rows"]]))
     print(f"\nBudget contract, {m['tracking_requests']} requests of 32 images per budget "
           f"({m['contract_images']}) "
           f"(threshold: mean within {TRACK}; cap: max <= budget)\n")
-    print("| budget | threshold mean | threshold max | cap mean | cap max | met |")
-    print("|---|---|---|---|---|---|")
-    for r in result["tracking"]:
-        print(f"| {r['budget']:g} | {r['threshold_mean']:.3f} | {r['threshold_max']:.3f} | "
-              f"{r['cap_mean']:.3f} | {r['cap_max']:.3f} | {'yes' if r['met'] else 'no'} |")
+    print(markdown_table(["budget", "threshold mean", "threshold max", "cap mean", "cap max", "met"],
+                         [[f"{r['budget']:g}", f"{r['threshold_mean']:.3f}", f"{r['threshold_max']:.3f}",
+                           f"{r['cap_mean']:.3f}", f"{r['cap_max']:.3f}", "yes" if r["met"] else "no"]
+                          for r in result["tracking"]]))
 
 
 def main(argv=None) -> int:

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import httpx
-from common import fmt, free_port, percentile, start_acs_serve, stop, wait_http
+from common import fmt, free_port, markdown_table, percentile, start_acs_serve, stop, wait_http
 from load_clients import arrival_times, closed_loop
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,14 +132,13 @@ def print_table(result: dict) -> None:
     m = result["meta"]
     print(f"\n{m['model']}, requests at budget 1 with min_budget {m['min_budget']}, {m['duration_s']} s a "
           f"load; capacity (closed loop) {m['capacity_rps']} req/s by budget; {m['cpu']}\n")
-    print("| objective | load | offered req/s | refused | timed out | server p50 ms | server p99 ms "
-          "| mean budget | lowered | recovery s |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for r in result["rows"]:
-        objective = f"{r['objective_ms']:g} ms" if r["objective_ms"] else "none"
-        print(f"| {objective} | {r['load']:g}x | {r['offered_rate']} | {100 * r['refused']:.1f}% | "
-              f"{100 * r['timed_out']:.1f}% | {r['server_p50_ms']} | {r['server_p99_ms']} | "
-              f"{r['mean_budget']} | {r['lowered']} | {fmt(r['recovery_s'], '.2f')} |")
+    print(markdown_table(
+        ["objective", "load", "offered req/s", "refused", "timed out", "server p50 ms", "server p99 ms",
+         "mean budget", "lowered", "recovery s"],
+        [[f"{r['objective_ms']:g} ms" if r["objective_ms"] else "none", f"{r['load']:g}x",
+          r["offered_rate"], f"{100 * r['refused']:.1f}%", f"{100 * r['timed_out']:.1f}%",
+          r["server_p50_ms"], r["server_p99_ms"], r["mean_budget"], r["lowered"], fmt(r["recovery_s"], ".2f")]
+         for r in result["rows"]]))
 
 
 def main(argv=None) -> int:

@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 
 import torch
-from common import plot_by_batch, round_robin_ms
+from common import markdown_table, plot_by_batch, round_robin_ms
 from engine_speed import SAMPLES, rotating, sample_images, test_images
 
 from models.core.checkpoint import load_checkpoint, read_manifest
@@ -140,31 +140,30 @@ def print_tables(result: dict) -> None:
     print(f"\n{m['dynamic']} (threshold) against dense {', '.join(m['dense'])}; top-1 on {m['top1_images']} "
           f"({m['images']} images), samples: {m['samples']} photos; {m['threads']} thread(s); {m['cpu']}\n")
     batches = [k for k in result["rows"][0] if k.endswith("_ms")]
-    print("| model | budget | engine | dtype | top-1 (%) | samples top-1 (%) | "
-          + " | ".join(f"{k[5:-3]} images (ms)" for k in batches) + " |")
-    print("|---|---:|---|---|---:|---:|" + "---:|" * len(batches))
-    for r in result["rows"]:
-        print(f"| {r['model']} | {r['budget']:g} | {r['engine']} | {r['dtype']} | {r['top1']:.2f} | "
-              f"{r['samples_top1']:.1f} | " + " | ".join(f"{r[k]:.3f}" for k in batches) + " |")
+    print(markdown_table(
+        ["model", "budget", "engine", "dtype", "top-1 (%)", "samples top-1 (%)",
+         *(f"{k[5:-3]} images (ms)" for k in batches)],
+        [[r["model"], f"{r['budget']:g}", r["engine"], r["dtype"], f"{r['top1']:.2f}",
+          f"{r['samples_top1']:.1f}", *(f"{r[k]:.3f}" for k in batches)] for r in result["rows"]]))
     for batch, check in result["checks"].items():
         if batch == "spread":
             continue
-        print(f"\n{batch}: on or above the dense curve\n\n| budget | ms | top-1 | dense at that ms | met |")
-        print("|---:|---:|---:|---:|---|")
-        for c in check["curve"]:
-            print(f"| {c['budget']:g} | {c['ms']:.3f} | {c['top1']:.2f} | {c['dense_at_ms'] or 'outside'} | "
-                  f"{'yes' if c['met'] else 'no'} |")
+        print(f"\n{batch}: on or above the dense curve\n")
+        print(markdown_table(["budget", "ms", "top-1", "dense at that ms", "met"],
+                             [[f"{c['budget']:g}", f"{c['ms']:.3f}", f"{c['top1']:.2f}",
+                               c["dense_at_ms"] or "outside", "yes" if c["met"] else "no"]
+                              for c in check["curve"]]))
         g = check["gain"]
         if g:
             print(f"\n{batch}: at {m['reference']}'s {g['reference_ms']:.3f} ms, ours {g['ours_top1']} "
                   f"against {g['reference_top1']:.2f}: {g['points']} points (target >= {GAIN}: "
                   f"{'met' if g['met'] else 'not met'})")
     if "spread" in result["checks"]:
-        print("\nagainst its dense baseline\n\n| budget | top-1 | dense | points | met |")
-        print("|---:|---:|---:|---:|---|")
-        for s in result["checks"]["spread"]:
-            print(f"| {s['budget']:g} | {s['top1']:.2f} | {s['dense_top1']:.2f} | {s['points']:+.2f} | "
-                  f"{'yes' if s['met'] else 'no'} |")
+        print("\nagainst its dense baseline\n")
+        print(markdown_table(["budget", "top-1", "dense", "points", "met"],
+                             [[f"{s['budget']:g}", f"{s['top1']:.2f}", f"{s['dense_top1']:.2f}",
+                               f"{s['points']:+.2f}", "yes" if s["met"] else "no"]
+                              for s in result["checks"]["spread"]]))
 
 
 def plot(result: dict, path: str) -> None:

@@ -55,6 +55,7 @@ import torch
 from common import (
     fmt,
     free_port,
+    markdown_table,
     png_bytes,
     round_robin_ms,
     start_acs_serve,
@@ -374,29 +375,28 @@ def print_tables(result: dict) -> None:
     print(f"\n{meta['cpus']} CPUs, load average before {meta['loadavg_before']}, after "
           f"{meta['loadavg_after']}; {meta['threads']} torch thread(s); max batch "
           f"{meta['max_batch_size']}, batch delay {meta['batch_delay_ms']} ms; {meta['weights']}\n")
-    print("| server | model | budget | concurrency | images/request | req/s | p50 ms | p90 ms | p99 ms "
-          "| ok | errors |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in result["rows"]:
-        print(f"| {r['server']} | {r['model']} | {r['budget']} | {r['concurrency']} | "
-              f"{r.get('images', 1)} | {r['throughput']:.1f} | {fmt(r['p50_ms'])} | {fmt(r['p90_ms'])} | "
-              f"{fmt(r['p99_ms'])} | {r['ok']} | {r['errors'] or 0} |")
+    print(markdown_table(
+        ["server", "model", "budget", "concurrency", "images/request", "req/s", "p50 ms", "p90 ms", "p99 ms",
+         "ok", "errors"],
+        [[r["server"], r["model"], r["budget"], r["concurrency"], r.get("images", 1),
+          f"{r['throughput']:.1f}", fmt(r["p50_ms"]), fmt(r["p90_ms"]), fmt(r["p99_ms"]), r["ok"],
+          r["errors"] or 0]
+         for r in result["rows"]]))
     if result["where_time_goes"]:
         print("\nWhere the time goes at concurrency 1 (preprocess, model: medians of bare calls in "
               "one process, round-robin; overhead: HTTP p50 minus both)\n")
-        print("| server | model | budget | preprocess ms | model ms | HTTP p50 ms | overhead ms |")
-        print("|---|---|---|---|---|---|---|")
-        for w in result["where_time_goes"]:
-            print(f"| {w['server']} | {w['model']} | {w['budget']} | {w['preprocess_ms']:.2f} | "
-                  f"{w['model_ms']:.2f} | {w['http_p50_ms']:.2f} | {w['overhead_ms']:.2f} |")
+        print(markdown_table(
+            ["server", "model", "budget", "preprocess ms", "model ms", "HTTP p50 ms", "overhead ms"],
+            [[w["server"], w["model"], w["budget"], f"{w['preprocess_ms']:.2f}", f"{w['model_ms']:.2f}",
+              f"{w['http_p50_ms']:.2f}", f"{w['overhead_ms']:.2f}"] for w in result["where_time_goes"]]))
     if result["versus"]:
         print(f"\nacs-serve over {REFERENCE} at the same concurrency\n")
-        print("| model | budget | concurrency | p50 ratio | req/s ratio | goal | met |")
-        print("|---|---|---|---|---|---|---|")
-        for v in result["versus"]:
-            met = "-" if v["met"] is None else ("yes" if v["met"] else "no")
-            print(f"| {v['model']} | {v['budget']} | {v['concurrency']} | {v['p50_ratio']:.2f} | "
-                  f"{v['throughput_ratio']:.2f} | {v['goal'] or '-'} | {met} |")
+        print(markdown_table(
+            ["model", "budget", "concurrency", "p50 ratio", "req/s ratio", "goal", "met"],
+            [[v["model"], v["budget"], v["concurrency"], f"{v['p50_ratio']:.2f}",
+              f"{v['throughput_ratio']:.2f}", v["goal"] or "-",
+              "-" if v["met"] is None else ("yes" if v["met"] else "no")]
+             for v in result["versus"]]))
     multi = result.get("multi")
     if multi:
         rates = ", ".join(f"{rate:.0f} at budget {b}" for b, rate in multi["images_per_s"].items())

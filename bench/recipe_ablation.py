@@ -15,6 +15,8 @@ import re
 import sys
 from pathlib import Path
 
+from common import fmt, markdown_table
+
 from models.core.checkpoint import read_manifest
 
 
@@ -41,14 +43,11 @@ def row_for(label: str, folder: Path) -> dict:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| change | checkpoint | widths | epochs | code | test top-1 (%) | train min | CPU |",
-             "|---|---|---|---:|---|---:|---:|---|"]
-    for r in rows:
-        minutes = "-" if r["train_minutes"] is None else f"{r['train_minutes']:.1f}"
-        widths = "/".join(map(str, r["widths"])) if r["widths"] else "-"
-        lines.append(f"| {r['change']} | `{r['model']}` | {widths} | {r['epochs']} | {r['commit']} | "
-                     f"{r['top1']:.2f} | {minutes} | {r['hardware']} |")
-    return "\n".join(lines)
+    return markdown_table(
+        ["change", "checkpoint", "widths", "epochs", "code", "test top-1 (%)", "train min", "CPU"],
+        [[r["change"], f"`{r['model']}`", "/".join(map(str, r["widths"])) if r["widths"] else "-",
+          r["epochs"], r["commit"], f"{r['top1']:.2f}", fmt(r["train_minutes"]), r["hardware"]]
+         for r in rows])
 
 
 def main(argv=None) -> int:

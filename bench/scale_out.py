@@ -32,7 +32,7 @@ from string import Template
 
 import httpx
 import yaml
-from common import ROOT, free_port, percentile, png_bytes, start_acs_serve, stop, wait_http
+from common import ROOT, free_port, markdown_table, percentile, png_bytes, start_acs_serve, stop, wait_http
 
 TEMPLATE = ROOT / "deploy" / "scaleout" / "nginx.conf.template"
 PROMETHEUS_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
@@ -234,13 +234,12 @@ def main(argv=None) -> int:
     print(f"\n{os.cpu_count()} CPUs, load average before: "
           f"{' '.join(f'{v:.2f}' for v in args.loadavg_before)}; "
           f"{args.concurrency} clients, budgets {args.budgets} ({args.policy})\n")
-    print("| replicas | via | req/s | speedup | p50 ms | p99 ms | ok | errors | per replica |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in result["rows"]:
-        spread = " / ".join(str(v) for _, v in sorted(r.get("per_replica", {}).items())) or "-"
-        print(f"| {r['replicas']} | {r['via']} | {r['throughput']:.1f} | {r['speedup']:.2f} | "
-              f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['ok']} | {r['errors'] or 0} | "
-              f"{spread} |")
+    print(markdown_table(
+        ["replicas", "via", "req/s", "speedup", "p50 ms", "p99 ms", "ok", "errors", "per replica"],
+        [[r["replicas"], r["via"], f"{r['throughput']:.1f}", f"{r['speedup']:.2f}", f"{r['p50_ms']:.1f}",
+          f"{r['p99_ms']:.1f}", r["ok"], r["errors"] or 0,
+          " / ".join(str(v) for _, v in sorted(r.get("per_replica", {}).items())) or "-"]
+         for r in result["rows"]]))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return 0

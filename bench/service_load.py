@@ -38,7 +38,7 @@ from pathlib import Path
 
 import httpx
 import torch
-from common import fmt, free_port, median_ms, png_bytes, start_acs_serve, stop, wait_http
+from common import fmt, free_port, markdown_table, median_ms, png_bytes, start_acs_serve, stop, wait_http
 from load_clients import closed_loop, hey_closed_loop, open_loop, perf_analyzer_closed_loop
 
 from models.core.budget import POLICIES
@@ -187,20 +187,19 @@ def meta(args, loadavg: tuple[float, ...]) -> dict:
 
 
 def print_tables(closed: list[dict], opened: list[dict], bare: dict[float, float]) -> None:
-    print("\n| client | budget | concurrency | p50 ms | p90 ms | p99 ms | images/s | ok | errors |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in closed:
-        print(f"| {r['client']} | {r['budget']} | {r['concurrency']} | {fmt(r['p50_ms'])} | "
-              f"{fmt(r['p90_ms'])} | {fmt(r['p99_ms'])} | {r['throughput']:.1f} | {fmt(r['ok'], 'd')} "
-              f"| {r['errors'] or 0} |")
+    print()
+    print(markdown_table(
+        ["client", "budget", "concurrency", "p50 ms", "p90 ms", "p99 ms", "images/s", "ok", "errors"],
+        [[r["client"], r["budget"], r["concurrency"], fmt(r["p50_ms"]), fmt(r["p90_ms"]), fmt(r["p99_ms"]),
+          f"{r['throughput']:.1f}", fmt(r["ok"], "d"), r["errors"] or 0] for r in closed]))
     if opened:
-        print("\n| offered req/s | sent | images/s | p50 ms | p99 ms | rejected | timed out | "
-              "reject p50 ms | other errors | send lag p99 ms |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
-        for r in opened:
-            print(f"| {r['offered_rate']:g} | {r['sent']} | {r['throughput']:.1f} | {fmt(r['p50_ms'])} | "
-                  f"{fmt(r['p99_ms'])} | {r['rejected_fraction']:.1%} | {r['timeout_fraction']:.1%} | "
-                  f"{fmt(r['reject_p50_ms'])} | {r['errors'] or 0} | {fmt(r['send_lag_p99_ms'])} |")
+        print()
+        print(markdown_table(
+            ["offered req/s", "sent", "images/s", "p50 ms", "p99 ms", "rejected", "timed out",
+             "reject p50 ms", "other errors", "send lag p99 ms"],
+            [[f"{r['offered_rate']:g}", r["sent"], f"{r['throughput']:.1f}", fmt(r["p50_ms"]),
+              fmt(r["p99_ms"]), f"{r['rejected_fraction']:.1%}", f"{r['timeout_fraction']:.1%}",
+              fmt(r["reject_p50_ms"]), r["errors"] or 0, fmt(r["send_lag_p99_ms"])] for r in opened]))
     for budget, ms in bare.items():
         c1 = next((r for r in closed if r["budget"] == budget and r["concurrency"] == 1), None)
         if c1 and c1["p50_ms"] is not None:

@@ -16,6 +16,7 @@ import re
 from pathlib import Path
 
 import torch
+from common import fmt, markdown_table
 from skip_speed import SAMPLES, measure
 
 from models.core.budget import POLICIES
@@ -62,18 +63,15 @@ def rows_for(folder: Path, args) -> list[dict]:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| model | dtype | budget | top-1 (%) | executed MACs | batch 1 (ms) | batch 32 (ms) "
-             "| training |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
-    previous = None
+    cells, previous = [], None
     for r in rows:
         first = r["model"] != previous
         previous = r["model"]
-        top1 = f"{100 * r['top1']:.2f}" if r["top1"] is not None else "n/a"
-        macs = f"{r['mac_ratio']:.3f}" if r["mac_ratio"] is not None else "n/a"
-        lines.append(f"| {'`' + r['model'] + '`' if first else ''} | {r['dtype'] if first else ''} | "
-                     f"{r['budget']} | {top1} | {macs} | {r['batch1_ms']} | {r['batch32_ms']} | "
-                     f"{r['training'] if first else ''} |")
-    return "\n".join(lines)
+        cells.append(["`" + r["model"] + "`" if first else "", r["dtype"] if first else "", r["budget"],
+                      fmt(None if r["top1"] is None else 100 * r["top1"], ".2f"), fmt(r["mac_ratio"], ".3f"),
+                      r["batch1_ms"], r["batch32_ms"], r["training"] if first else ""])
+    return markdown_table(["model", "dtype", "budget", "top-1 (%)", "executed MACs", "batch 1 (ms)",
+                           "batch 32 (ms)", "training"], cells)
 
 
 def main() -> None:

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import plot_by_batch
+from common import markdown_table, plot_by_batch
 
 from models.core.budget import POLICIES
 from models.core.checkpoint import load_checkpoint
@@ -173,9 +173,7 @@ def measure(args) -> list[dict]:
 def table(rows: list[dict]) -> str:
     head = ("model", "dtype", "device", "batch", "budget", "mac_ratio", "ms", "vs_budget_1",
             "vs_baseline", "vs_float32", "vs_reference", "gate_share", "images_per_s", "per_sample_ms")
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(str(r.get(h)) for h in head) + " |" for r in rows]
-    return "\n".join(lines)
+    return markdown_table(list(head), [[r.get(h) for h in head] for r in rows])
 
 
 def plot(rows: list[dict], path: str) -> None:

@@ -19,6 +19,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from common import markdown_table
 
 from models.core.registry import create_model
 
@@ -60,10 +61,7 @@ def main() -> None:
     parser.add_argument("--json", help="write the rows and the machine here")
     args = parser.parse_args()
     rows = measure(args)
-    head = list(rows[0])
-    print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
-    for r in rows:
-        print("| " + " | ".join(str(r[h]) for h in head) + " |")
+    print(markdown_table(list(rows[0]), [list(r.values()) for r in rows]))
     if args.json:
         meta = {"torch": torch.__version__, "machine": platform.processor() or platform.machine(),
                 "threads": torch.get_num_threads(),

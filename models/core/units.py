@@ -166,6 +166,12 @@ class ConvStem(Unit):
         return [Step(apply)]
 
 
+def classifier_cost(tally: Tally, fc: nn.Linear) -> None:
+    """A classifier's MACs: dense over all its inputs, executed over the channels that reach
+    it (`flow["channels"]`, one count or one per sample)."""
+    tally.add(fc.in_features * fc.out_features, tally.flow["channels"] * fc.out_features)
+
+
 class LinearHead(Unit):
     """The ungated head: logits = fc(global average pool of h)."""
 

@@ -30,7 +30,7 @@ from ..core.base import GatedNetwork
 from ..core.folding import bn_affine, bn_stats
 from ..core.gather import conv1x1_gathered, conv_rows_gathered, gather_rows, linear_gathered
 from ..core.registry import register_model
-from ..core.units import ConvStem, Step, Tally, Trace, Unit
+from ..core.units import ConvStem, Step, Tally, Trace, Unit, classifier_cost
 
 
 @dataclass(frozen=True)
@@ -286,8 +286,7 @@ class DenseHead(Unit):
         return {"logits": self.classifier(_global_pool(F.relu(self.norm(state["h"]))))}
 
     def cost(self, tally: Tally) -> None:
-        classes = self.classifier.out_features
-        tally.add(self.classifier.in_features * classes, tally.flow["channels"] * classes)
+        classifier_cost(tally, self.classifier)
 
     def steps(self) -> list[Step]:
         consumer = _Consumer(self.norm, self.classifier.weight, self.classifier.bias,

@@ -37,7 +37,7 @@ from ..core.base import GatedNetwork
 from ..core.folding import fold_conv_bn
 from ..core.gather import block_channels, conv2d, conv3x3_gathered, linear_gathered, max_pool2x2
 from ..core.registry import register_model
-from ..core.units import ConvStem, Step, Tally, Trace, Unit
+from ..core.units import ConvStem, Step, Tally, Trace, Unit, classifier_cost
 
 WHITEN_KERNEL = 2
 
@@ -167,8 +167,7 @@ class FastHead(Unit):
         return {"logits": self.head(state["h"].amax((2, 3))) * self.scale}
 
     def cost(self, tally: Tally) -> None:
-        classes = self.head.out_features
-        tally.add(self.head.in_features * classes, tally.flow["channels"] * classes)
+        classifier_cost(tally, self.head)
 
     def steps(self) -> list[Step]:
         def apply(state: dict, keep) -> dict:

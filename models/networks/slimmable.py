@@ -40,7 +40,7 @@ from ..core.folding import scale_rows
 from ..core.levels import WidthPlan, check_levels, width_table
 from ..core.macs import conv_out
 from ..core.registry import register_model
-from ..core.units import LinearHead, Step, Tally, Trace, Unit
+from ..core.units import LinearHead, Step, Tally, Trace, Unit, classifier_cost
 from .cifar_resnet import build_resnet
 
 DEFAULT_LEVELS = tuple(i / 16 for i in range(4, 17))  # 0.25, 0.3125, ..., 1.0
@@ -291,8 +291,7 @@ class SlimHead(LinearHead):
     """Global average pool -> the classifier's columns of the stream's width."""
 
     def cost(self, tally: Tally) -> None:
-        classes = self.fc.out_features
-        tally.add(self.fc.in_features * classes, tally.flow["channels"] * classes)
+        classifier_cost(tally, self.fc)
 
     def steps(self) -> list[Step]:
         def apply(state: dict, keep) -> dict:
