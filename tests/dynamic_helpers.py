@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import fields
 
 import torch
 from fvcore.nn import FlopCountAnalysis
 
+from models.core.macs import Cost
 from models.networks.slimmable import SwitchableBatchNorm2d
 from tests.conftest import randomize_bn
 
@@ -56,8 +58,9 @@ def union_pass(executor, x, policy) -> bool:
 
 
 def assert_compact_matches(model, executor, x, budget, policy, atol=1e-4):
-    """Compact == masked reference: logits, masks and executed MACs (a batch run as one pass
-    over the union of its keeps reports the union for every sample, and its MACs)."""
+    """Compact == masked reference: logits, masks, executed MACs and a method's own cost figures
+    (a batch run as one pass over the union of its keeps reports the union for every sample,
+    and its MACs)."""
     expected, ref = infer(model, x, budget, policy)
     logits, info = executor(x, budget=budget, policy=policy, return_info=True)
     assert torch.allclose(logits, expected, atol=atol, rtol=atol), (logits - expected).abs().max()
@@ -69,4 +72,9 @@ def assert_compact_matches(model, executor, x, budget, policy, atol=1e-4):
         assert torch.equal(got, want)
     want_cost = model.macs(want_masks, *x.shape[-2:], batch=x.shape[0])
     assert torch.equal(info.cost.executed, want_cost.executed)
+    if not union_pass(executor, x, policy):  # a method's own figures (BitOps, per-pixel MACs)
+        for field in fields(ref.cost):
+            if field.name not in {f.name for f in fields(Cost)}:
+                want, got = getattr(ref.cost, field.name), getattr(info.cost, field.name)
+                assert torch.equal(want, got) if torch.is_tensor(want) else want == got, field.name
     return ref.cost, info.cost

@@ -8,7 +8,7 @@ from models.core.checkpoint import load_checkpoint, save_checkpoint
 from models.engines.compact import compact
 from models.networks.fastnet import FastNet, FastNetConfig, acs_fastnet, fastnet
 from tests.conftest import randomize_bn
-from tests.dynamic_helpers import assert_compact_matches, fvcore_macs
+from tests.dynamic_helpers import assert_compact_matches
 from tests.training.test_training import tiny_config, write_folders
 from training.cli import main
 from training.recipe import Lookahead, lr_factor, make_optimizer
@@ -34,17 +34,14 @@ def test_runs_at_sizes_and_batches(factory, size, batch):
         assert model.gated_totals() == [4, 4, 16, 16, 16, 16]  # blocks of 16 channels
 
 
-def test_dense_macs_match_fvcore():
-    for size in (32, 40):
-        model = fastnet()
-        assert model.macs([], size, size).dense == fvcore_macs(model, size)
+def test_dense_macs_of_the_shipped_size():  # fvcore's count at every size: the contract suite
     assert fastnet().macs([], 32, 32).dense == 118_147_360
 
 
-@pytest.mark.parametrize("config", [{}, {"gate": "acs"}, {"dgconv": True}])
 @pytest.mark.parametrize("policy", ["threshold", "topk", "cap"])
-def test_compact_equals_masked_reference(config, policy):
-    model = randomize_bn(acs_fastnet(**config)).eval()
+def test_compact_equals_masked_reference_with_dgconv(policy):
+    """The one FastNet option the contract suite does not build (its other cases: there)."""
+    model = randomize_bn(acs_fastnet(dgconv=True)).eval()
     executor = compact(model)
     x = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     for budget in (1.0, 0.6, torch.tensor([0.2, 0.4, 0.5, 0.9, 1.0]), 0.0):
