@@ -56,9 +56,12 @@ class JobResult:
     probabilities: torch.Tensor  # (n, C)
     effective: list[float]
     cost: Cost  # of this job's images
+    budget_ratio: list[float]  # per image, the figure the budget bounds (MACs or BitOps ratio)
     queue_s: float
     inference_s: float
     batch_size: int
+    requested: float  # the job's budget (the model's default where the request named none)
+    policy: str
     run_budget: float  # the budget the job ran at
     min_budget: float
     lowered: str | None  # why run_budget is below the requested budget
@@ -213,6 +216,7 @@ class Batcher:
         cost = info.cost.rows(slice(None))
         # the shortest decimal of each float32 (0.3, not 0.30000001192092896)
         effective = [float(np.format_float_positional(b)) for b in info.plan.effective.cpu().numpy()]
+        budget_ratio = self.model.budget_ratio(cost).tolist()
         elapsed = time.monotonic() - start
         n = x.shape[0]
         results, offset = [], 0
@@ -220,8 +224,8 @@ class Batcher:
             rows = slice(offset, offset + job.size)
             offset += job.size
             results.append(JobResult(probabilities[rows], effective[rows], cost.rows(rows),
-                                     start - job.enqueued, elapsed, n, job.run_budget,
-                                     job.min_budget, job.lowered))
+                                     budget_ratio[rows], start - job.enqueued, elapsed, n, job.budget,
+                                     policy, job.run_budget, job.min_budget, job.lowered))
         loop.call_soon_threadsafe(self._deliver, jobs, results)
         self.seconds_per_image = 0.8 * self.seconds_per_image + 0.2 * elapsed / n
         self.times.observe(run, elapsed)
@@ -230,8 +234,7 @@ class Batcher:
         m.batch_size.labels(self.name).observe(n)
         for result in results:
             m.queue_seconds.labels(self.name).observe(result.queue_s)
-        m.observe_images(self.name, policy, requested, effective, cost,
-                         self.model.budget_ratio(cost).tolist(), run)
+        m.observe_images(self.name, policy, requested, effective, cost, budget_ratio, run)
 
     def warm_up(self, size: int) -> None:
         """Run every batch-size bucket (powers of two up to the max) once per policy path, and

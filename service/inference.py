@@ -1,5 +1,5 @@
-"""What the /v1 and /v2 routes share: request parameters and their checks, and running
-images through a model's batcher within the request's deadline."""
+"""Request parameters and their checks, and running images through a model's batcher within
+the request's deadline (what `service.protocol.handle` does for every protocol)."""
 
 from __future__ import annotations
 
@@ -24,13 +24,16 @@ RULES = {"budget": "must be a number in [0, 1]", "min_budget": "must be a number
 
 class PredictParams(BaseModel):
     budget: float | None = Field(None, ge=0, le=1, description="fraction of the dense cost "
-                                 "(MACs; BitOps for DFS models: see cost.budget_unit)")
+                                 "(MACs; BitOps for DFS models: see cost.budget_unit; default: "
+                                 "the model's operating point)")
     min_budget: float | None = Field(None, ge=0, le=1, description="the lowest budget the server "
                                      "may run the request at to meet its latency objective "
-                                     "(default: the budget: never lowered)")
-    policy: Literal[POLICIES] | None = None
-    top_k: int = Field(5, ge=1, le=1000)
-    timeout: float | None = Field(None, gt=0, description="deadline in seconds")
+                                     "(at most budget; default: the budget: never lowered)")
+    policy: Literal[POLICIES] | None = Field(None, description="how the budget sets the gates "
+                                             "(default: the model's)")
+    top_k: int = Field(5, ge=1, le=1000, description="how many labels to answer")
+    timeout: float | None = Field(None, gt=0, description="deadline in seconds, at most the "
+                                  "server's max_timeout_s")
 
 
 def validate_params(raw: dict) -> PredictParams:
@@ -55,11 +58,9 @@ def too_many_images(count: int, limit: int) -> ApiError:
                     "(max_images_per_request)", "too_many_images")
 
 
-async def infer(request: Request, served, images: torch.Tensor, params: PredictParams
-                ) -> tuple[JobResult, float, str]:
-    """Queue images for a model and wait for the result within the deadline.
-
-    Returns the result and the budget and policy used (the model's defaults where None)."""
+async def infer(request: Request, served, images: torch.Tensor, params: PredictParams) -> JobResult:
+    """Queue images for a model and wait for the result within the deadline (the budget and
+    policy: the model's defaults where the request named none)."""
     budget, policy, timeout = params.budget, params.policy, params.timeout
     settings = request.app.state.server.settings
     if timeout is not None and timeout > settings.max_timeout_s:
@@ -75,6 +76,6 @@ async def infer(request: Request, served, images: torch.Tensor, params: PredictP
         served = request.app.state.server.model(served.name)
     served.batcher.submit(Job(images, budget, policy, deadline, future, params.min_budget))
     try:
-        return await asyncio.wait_for(future, max(deadline - time.monotonic(), 0)), budget, policy
+        return await asyncio.wait_for(future, max(deadline - time.monotonic(), 0))
     except TimeoutError:
         raise ApiError(504, f"no result within the {seconds:g} s deadline", "deadline") from None

@@ -1,12 +1,13 @@
-"""What /docs and /openapi.json say of the routes that read their body by hand: the request
-bodies and parameters of predict and infer, every error status with its body, /metrics as text.
+"""What /docs and /openapi.json say of the routes whose protocols decode their own bodies (the
+request bodies of predict and infer, their parameters derived from PredictParams), every
+error status with its body, /metrics as text.
 """
 
 from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
-from models.core.budget import POLICIES
+from .inference import PredictParams
 
 IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp", "image/gif", "image/bmp")
 
@@ -36,24 +37,23 @@ def errors(*statuses: int) -> dict:
     return {s: {"model": ErrorBody, "description": meaning[s]} for s in statuses}
 
 
-def _parameters() -> dict:
-    return {
-        "budget": {"type": "number", "minimum": 0, "maximum": 1,
-                   "description": "fraction of the dense cost (default: the model's operating point)"},
-        "min_budget": {"type": "number", "minimum": 0, "maximum": 1,
-                       "description": "lowest budget the server may run the request at to meet its "
-                                      "latency objective (at most budget; default: budget)"},
-        "policy": {"type": "string", "enum": list(POLICIES),
-                   "description": "how the budget sets the gates (default: the model's)"},
-        "top_k": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 5},
-        "timeout": {"type": "number", "exclusiveMinimum": 0,
-                    "description": "deadline in seconds, at most the server's max_timeout_s"},
-    }
+def parameter_schemas() -> dict:
+    """Each request parameter's JSON schema, derived from PredictParams (the model that checks
+    them): an optional parameter is its value's schema (a query or form field cannot be null)."""
+    out = {}
+    for name, prop in PredictParams.model_json_schema()["properties"].items():
+        prop = {k: v for k, v in prop.items() if k != "title"}
+        options = [o for o in prop.pop("anyOf", []) if o.get("type") != "null"]
+        prop.update(options[0] if options else {})
+        if prop.get("default") is None:
+            prop.pop("default", None)
+        out[name] = prop
+    return out
 
 
 def predict_openapi() -> dict:
     """The request of the predict routes: query parameters and the three body forms."""
-    params = _parameters()
+    params = parameter_schemas()
     binary = {"type": "string", "format": "binary"}
     return {
         "parameters": [{"name": n, "in": "query", "required": False, "schema": s}
@@ -96,9 +96,8 @@ def infer_openapi() -> dict:
         "outputs": {"type": "array", "items": {"type": "object", "properties": {
             "name": {"type": "string"}, "parameters": {"type": "object"}}}},
         "parameters": {"type": "object", "properties": {
-            "budget": _parameters()["budget"], "min_budget": _parameters()["min_budget"],
-            "policy": _parameters()["policy"],
-            "timeout": _parameters()["timeout"], "binary_data_output": {"type": "boolean"}}}}}
+            **{k: v for k, v in parameter_schemas().items() if k != "top_k"},
+            "binary_data_output": {"type": "boolean"}}}}}
     return {"requestBody": {"required": True, "content": {
         "application/json": {"schema": request},
         "application/octet-stream": {"schema": {"type": "string", "format": "binary"},

@@ -14,9 +14,9 @@ from starlette.exceptions import HTTPException
 
 from .batching import JobResult
 from .errors import ApiError
-from .imaging import preprocess_async
-from .inference import PARAMETERS, PredictParams, infer, too_many_images, validate_params
+from .inference import PARAMETERS, PredictParams, too_many_images
 from .openapi import errors, predict_openapi
+from .protocol import Decoded, Protocol, handle
 
 router = APIRouter()
 
@@ -128,33 +128,41 @@ def operating_point(served, requested: float, policy: str) -> dict:
     return {"expected_top1": expected, "notes": notes}
 
 
-def predictions(result: JobResult, served, top_k: int, requested: float, policy: str) -> list[dict]:
-    model, classes = served.model, served.classes
-    point = operating_point(served, result.run_budget, policy)
+def predictions(result: JobResult, served, top_k: int) -> list[dict]:
+    classes = served.classes
+    point = operating_point(served, result.run_budget, result.policy)
     probs, index = result.probabilities.topk(min(top_k, len(classes)), 1)
     cost = result.cost
     ratio, skipped = cost.ratio.tolist(), cost.skipped_ratio.tolist()
-    unit, budget_ratio = model.budget_unit, model.budget_ratio(cost).tolist()
     layers = cost.layer_skipped_ratio.tolist()
     out = []
     for i in range(probs.shape[0]):
         out.append({
             "top_k": [{"label": classes[j], "index": j, "probability": p}
                       for p, j in zip(probs[i].tolist(), index[i].tolist(), strict=True)],
-            "budget": {"requested": requested, "min_budget": result.min_budget,
-                       "effective": result.effective[i], "lowered": result.lowered, "policy": policy,
-                       **point},
+            "budget": {"requested": result.requested, "min_budget": result.min_budget,
+                       "effective": result.effective[i], "lowered": result.lowered,
+                       "policy": result.policy, **point},
             "cost": {"dense_macs": cost.dense, "executed_macs": int(cost.executed[i]),
                      "executed_ratio": ratio[i], "skipped_channel_ratio": skipped[i],
-                     "layer_skipped_ratio": layers[i], "budget_unit": unit,
-                     "budget_ratio": budget_ratio[i]},
+                     "layer_skipped_ratio": layers[i], "budget_unit": served.model.budget_unit,
+                     "budget_ratio": result.budget_ratio[i]},
         })
     return out
 
 
-def merge_params(request: Request, body_params: dict) -> PredictParams:
-    """The parameters of the query string and the body, each checked; a name neither knows,
-    a name given twice in the query, or one given in both with different values is a 422."""
+def same_value(a, b) -> bool:
+    """Whether two spellings of a parameter mean one value ("0.5" in a query, 0.5 in JSON)."""
+    try:
+        return float(a) == float(b)
+    except (TypeError, ValueError):
+        return str(a) == str(b)
+
+
+def merge_params(request: Request, body_params: dict) -> dict:
+    """The parameters of the query string and the body as one dict (`handle` checks their
+    values): a name neither knows, a name given twice in the query, or one given in both with
+    different values is a 422."""
     unknown = sorted({k for k in [*request.query_params, *body_params] if k not in PARAMETERS})
     if unknown:
         raise ApiError(422, f"unknown parameter{'s' * (len(unknown) > 1)} {', '.join(unknown)}; "
@@ -165,33 +173,36 @@ def merge_params(request: Request, body_params: dict) -> PredictParams:
         raise ApiError(422, f"{', '.join(repeated)}: given more than once in the query",
                        "bad_parameter")
     query = {k: v[0] for k, v in query.items()}
-    in_query, in_body = validate_params(query), validate_params(body_params)
     conflicts = [f"{k}: {query[k]!r} in the query, {body_params[k]!r} in the body"
                  for k in sorted(query.keys() & body_params.keys())
-                 if getattr(in_query, k) != getattr(in_body, k)]
+                 if not same_value(query[k], body_params[k])]
     if conflicts:
         raise ApiError(422, "conflicting values: " + "; ".join(conflicts), "bad_parameter")
-    return validate_params({**query, **body_params})
+    return {**query, **body_params}
 
 
-async def predict_with(request: Request, name: str | None) -> JSONResponse:
-    """The predict answer, returned as a JSONResponse: FastAPI does not validate it again
-    against PredictResponse (the docs still show that schema; a test checks it holds)."""
-    state = request.app.state.server
-    served = state.model(name)
-    request.state.model = served.name
-    data, body_params = await read_images(request, state.settings.max_images_per_request)
-    params = merge_params(request, body_params)
-    max_pixels = state.settings.max_pixels
-    images = await preprocess_async(data, served.manifest, max_pixels)
-    result, budget, policy = await infer(request, served, images, params)
-    total_ms = (time.perf_counter() - request.state.start) * 1e3
-    return JSONResponse({
-        "request_id": request.state.request_id, "model": served.name,
-        "predictions": predictions(result, served, params.top_k, budget, policy),
-        "timing": {"queue_ms": result.queue_s * 1e3, "inference_ms": result.inference_s * 1e3,
-                   "total_ms": total_ms},
-    })
+class V1(Protocol):
+    """/v1: images as multipart, a raw image/* body or JSON base64; parameters in the query
+    string or the body; the answer is a PredictResponse."""
+
+    async def decode(self, request: Request, served, settings) -> Decoded:
+        data, body_params = await read_images(request, settings.max_images_per_request)
+        return Decoded(merge_params(request, body_params), data)
+
+    def encode(self, request: Request, served, decoded: Decoded, params: PredictParams,
+               result: JobResult) -> JSONResponse:
+        """A JSONResponse: FastAPI does not validate it again against PredictResponse (the docs
+        still show that schema; a test checks it holds)."""
+        total_ms = (time.perf_counter() - request.state.start) * 1e3
+        return JSONResponse({
+            "request_id": request.state.request_id, "model": served.name,
+            "predictions": predictions(result, served, params.top_k),
+            "timing": {"queue_ms": result.queue_s * 1e3, "inference_ms": result.inference_s * 1e3,
+                       "total_ms": total_ms},
+        })
+
+
+V1_PROTOCOL = V1()
 
 
 PREDICT_DOC = """Classify one or more images under a compute budget.
@@ -211,14 +222,14 @@ PREDICT_ERRORS = errors(400, 401, 404, 413, 415, 422, 429, 500, 503, 504)
 @router.post("/v1/models/{name}/predict", response_model=PredictResponse, tags=["v1"],
              description=PREDICT_DOC, responses=PREDICT_ERRORS, openapi_extra=predict_openapi())
 async def predict_model(name: str, request: Request) -> JSONResponse:
-    return await predict_with(request, name)
+    return await handle(request, name, V1_PROTOCOL)
 
 
 @router.post("/v1/predict", response_model=PredictResponse, tags=["v1"],
              description=PREDICT_DOC + "\n\nUses the default model.", responses=PREDICT_ERRORS,
              openapi_extra=predict_openapi())
 async def predict_default(request: Request) -> JSONResponse:
-    return await predict_with(request, None)
+    return await handle(request, None, V1_PROTOCOL)
 
 
 @router.get("/v1/models", tags=["v1"], responses=errors(401))

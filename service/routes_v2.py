@@ -20,9 +20,9 @@ from fastapi.responses import JSONResponse, Response
 
 from . import __version__
 from .errors import ApiError
-from .imaging import preprocess_async
-from .inference import infer, too_many_images, validate_params
+from .inference import too_many_images
 from .openapi import errors, infer_openapi
+from .protocol import Decoded, Protocol, handle
 
 router = APIRouter(tags=["v2"])
 HEADER_LENGTH = "inference-header-content-length"
@@ -127,8 +127,8 @@ def _binary_elements(raw: bytes) -> list[bytes]:
     return items
 
 
-def read_input(request: dict, binary: bytes, limits, min_size: int) -> tuple[str, object]:
-    """The single input: ('IMAGE', [bytes]) or ('INPUT', float tensor (N, 3, H, W))."""
+def read_input(request: dict, binary: bytes, limits, min_size: int) -> list[bytes] | torch.Tensor:
+    """The single input: IMAGE's encoded images, or INPUT's float tensor (N, 3, H, W)."""
     inputs = request["inputs"]
     if len(inputs) != 1 or not isinstance(inputs[0], dict):
         raise ApiError(400, "send exactly one input: IMAGE (BYTES) or INPUT (FP32)", "bad_request")
@@ -161,7 +161,7 @@ def read_input(request: dict, binary: bytes, limits, min_size: int) -> tuple[str
         if len(items) != count:
             raise ApiError(400, f"shape {shape} says {count} images; {len(items)} were sent",
                            "bad_request")
-        return "IMAGE", items
+        return items
     if len(shape) != 4 or shape[1] != 3:
         raise ApiError(400, "FP32 input must be [N, 3, H, W]", "bad_request")
     if shape[0] > limits.max_images_per_request:
@@ -185,7 +185,7 @@ def read_input(request: dict, binary: bytes, limits, min_size: int) -> tuple[str
     tensor = torch.from_numpy(array.copy()).reshape(shape)
     if not torch.isfinite(tensor).all():
         raise ApiError(400, "FP32 input has non-finite values", "bad_request")
-    return "INPUT", tensor
+    return tensor
 
 
 INFER_OK = {"description": "outputs as JSON, or a JSON header then raw tensor bytes",
@@ -196,35 +196,39 @@ INFER_OK = {"description": "outputs as JSON, or a JSON header then raw tensor by
 @router.post("/v2/models/{name}/infer", openapi_extra=infer_openapi(),
              responses={200: INFER_OK, **errors(400, 401, 404, 413, 415, 422, 429, 500, 503, 504)})
 async def model_infer(name: str, request: Request) -> Response:
-    state = request.app.state.server
-    served = state.model(name)
-    request.state.model = served.name
-    body, binary = parse_request(await request.body(), request.headers.get(HEADER_LENGTH))
-    params = request_params(body)
-    kind, data = read_input(body, binary, state.settings, served.model.min_input_size)
-    if kind == "IMAGE":
-        max_pixels = state.settings.max_pixels
-        images = await preprocess_async(data, served.manifest, max_pixels)
-    else:
-        images = data
-    result, _, _ = await infer(request, served, images, params)
-    cost = result.cost
-    outputs = {
-        "PROBABILITIES": result.probabilities.numpy().astype(np.float32),
-        "EXECUTED_MAC_RATIO": cost.ratio.numpy().astype(np.float32),
-        "SKIPPED_CHANNEL_RATIO": cost.skipped_ratio.numpy().astype(np.float32),
-        "EFFECTIVE_BUDGET": np.asarray(result.effective, dtype=np.float32),
-        "EXECUTED_MACS": cost.executed.numpy().astype(np.int64),
-    }
-    return encode_response(body, name, request.state.request_id, outputs)
+    return await handle(request, name, V2_PROTOCOL)
 
 
-def request_params(body: dict):
-    params = body.get("parameters") or {}
-    if not isinstance(params, dict):
-        raise ApiError(400, '"parameters" must be an object', "bad_request")
-    return validate_params({k: params[k] for k in ("budget", "min_budget", "policy", "timeout")
-                            if k in params})
+class V2(Protocol):
+    """The Open Inference Protocol: a JSON request (with binary tensor data after it), one
+    input, parameters in "parameters"; the answer holds the outputs it asks for."""
+
+    async def decode(self, request: Request, served, settings) -> Decoded:
+        body, binary = parse_request(await request.body(), request.headers.get(HEADER_LENGTH))
+        params = body.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise ApiError(400, '"parameters" must be an object', "bad_request")
+        return Decoded({k: params[k] for k in PARAMETERS if k in params},
+                       body={"request": body, "binary": binary})
+
+    def images(self, decoded: Decoded, served, settings) -> list[bytes] | torch.Tensor:
+        return read_input(decoded.body["request"], decoded.body["binary"], settings,
+                          served.model.min_input_size)
+
+    def encode(self, request: Request, served, decoded: Decoded, params, result) -> Response:
+        cost = result.cost
+        outputs = {
+            "PROBABILITIES": result.probabilities.numpy().astype(np.float32),
+            "EXECUTED_MAC_RATIO": cost.ratio.numpy().astype(np.float32),
+            "SKIPPED_CHANNEL_RATIO": cost.skipped_ratio.numpy().astype(np.float32),
+            "EFFECTIVE_BUDGET": np.asarray(result.effective, dtype=np.float32),
+            "EXECUTED_MACS": cost.executed.numpy().astype(np.int64),
+        }
+        return encode_response(decoded.body["request"], served.name, request.state.request_id, outputs)
+
+
+V2_PROTOCOL = V2()
+PARAMETERS = ("budget", "min_budget", "policy", "timeout")  # the /v1 parameters but top_k
 
 
 def encode_response(body: dict, name: str, request_id: str, outputs: dict) -> Response:
