@@ -15,7 +15,7 @@ IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp", "image/gif", "image/bmp"
 class ErrorBody(BaseModel):
     error: str = Field(description="what was wrong, for a person")
     reason: str = Field(description="a stable label, e.g. bad_image, body_too_large, queue_full "
-                        "(the README lists them)")
+                        "(docs/api.md lists them)")
     request_id: str | None = Field(None, description="also in the X-Request-ID header")
 
 

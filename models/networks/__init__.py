@@ -2,4 +2,4 @@
 cost and compact steps (`models.core.units`). Importing this package registers every model
 (`models.core.registry`)."""
 
-from . import channel_gating, densenet, dfs, fastnet, ranked_fastnet, resnext, slimmable  # noqa: F401
+from . import channel_gating, densenet, dfs, fastnet, ranked_fastnet, resnext, slimmable, tiny  # noqa: F401

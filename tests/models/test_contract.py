@@ -1,6 +1,6 @@
 """The contract every registered model keeps, checked on a small instance of each
 (`register_model(..., smoke=...)`): a new network is covered by registering it, as the
-README's example network is here.
+example network of docs/architecture.md (`models/networks/tiny.py`) is.
 
 Forward at several sizes and batch sizes; the compact executor equal to the masked
 reference, batched or per sample; dense MACs equal to fvcore's count; executed MACs
@@ -13,9 +13,6 @@ has 16 channels or more), so BN folding and grouped execution are exercised.
 from __future__ import annotations
 
 import itertools
-import re
-import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -33,18 +30,6 @@ from tests.dynamic_helpers import (
     randomize_all_bn,
 )
 
-
-def register_readme_example() -> None:
-    """Register the README's example network (its `models/networks/tiny.py` block) as a
-    file in models/networks/ would be: the suite then holds it to the contract."""
-    readme = (Path(__file__).parents[2] / "README.md").read_text()
-    code = re.search(r"```python\n# models/networks/tiny\.py[^\n]*\n(.*?)```", readme, re.S)[1]
-    module = sys.modules.setdefault("readme_tiny", types.ModuleType("readme_tiny"))
-    if "tiny_net" not in MODELS:
-        exec(compile(code, "README.md (models/networks/tiny.py)", "exec"), module.__dict__)
-
-
-register_readme_example()
 NAMES = model_names()
 # Registered models with other gate kinds, also held to the contract: name -> (model, overrides)
 VARIANTS = {
@@ -249,3 +234,9 @@ def test_cap_keeps_the_best_scores(pair):
         for b, g in itertools.product(range(kept.shape[0]), range(groups)):
             if kept[b, g].any() and (~kept[b, g]).any():
                 assert scores[b, g][kept[b, g]].min() >= scores[b, g][~kept[b, g]].max()
+
+
+def test_the_architecture_guide_quotes_the_example_network_whole():
+    guide = (Path(__file__).parents[2] / "docs" / "architecture.md").read_text()
+    source = (Path(__file__).parents[2] / "models" / "networks" / "tiny.py").read_text()
+    assert "```python\n" + source + "```" in guide

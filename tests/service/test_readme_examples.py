@@ -1,5 +1,5 @@
-"""The README's curl examples run as written, from the repository root, against a real server
-on the shipped weights; and every answer the README shows is the answer its command gets
+"""The curl examples of the README and docs/ run as written, from the repository root, against
+a real server on the shipped weights; and every answer they show is the answer its command gets
 (model, labels, operating point and executed MACs; probabilities to 0.01)."""
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import pytest
 from tests.service_helpers import ThreadedServer
 
 ROOT = Path(__file__).resolve().parents[2]
-README = (ROOT / "README.md").read_text()
+PAGES = {path.relative_to(ROOT): path.read_text()
+         for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]}
 
 pytestmark = pytest.mark.skipif(not shutil.which("curl"), reason="needs curl")
 
@@ -58,16 +59,16 @@ def run(command: str, url: str) -> dict:
 
 
 def test_every_curl_example_runs_as_written(server):
-    commands = curl_commands(README)
-    assert len(commands) >= 6
-    for _, command in commands:
+    commands = [c for text in PAGES.values() for _, c in curl_commands(text)]
+    assert len(commands) >= 6 and curl_commands(PAGES[Path("README.md")])
+    for command in commands:
         answer = run(command, server.url)
         assert "error" not in answer, (command, answer)
 
 
-def test_every_answer_shown_is_the_answer_its_command_gets(server):
-    commands, shown = curl_commands(README), answers(README)
-    assert shown
+@pytest.mark.parametrize("page", sorted(p for p, text in PAGES.items() if answers(text)), ids=str)
+def test_every_answer_shown_is_the_answer_its_command_gets(server, page):
+    commands, shown = curl_commands(PAGES[page]), answers(PAGES[page])
     for offset, expected in shown:
         command = max((c for c in commands if c[0] < offset), key=lambda c: c[0])[1]
         got = run(command, server.url)
@@ -78,3 +79,7 @@ def test_every_answer_shown_is_the_answer_its_command_gets(server):
                 assert a["probability"] == pytest.approx(b["probability"], abs=0.01), command
             assert want["budget"] == have["budget"], command
             assert want["cost"]["executed_macs"] == have["cost"]["executed_macs"], command
+
+
+def test_the_readme_shows_an_answer():
+    assert answers(PAGES[Path("README.md")])
