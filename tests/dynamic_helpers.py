@@ -78,3 +78,18 @@ def assert_compact_matches(model, executor, x, budget, policy, atol=1e-4):
                 want, got = getattr(ref.cost, field.name), getattr(info.cost, field.name)
                 assert torch.equal(want, got) if torch.is_tensor(want) else want == got, field.name
     return ref.cost, info.cost
+
+
+def run_with_skipped_parts_failing(model, monkeypatch, parts, attribute: str):
+    """Run the compact executor at budget 0 (topk: every gated part skipped) with `attribute`
+    of every part made to raise: skipped work is never computed. Returns the cost."""
+    from models.engines.compact import compact
+
+    def fail(*args, **kwargs):
+        raise AssertionError(f"{attribute} of a skipped part was computed")
+
+    for part in parts:
+        monkeypatch.setattr(part, attribute, fail)
+    logits, info = compact(model)(torch.randn(2, 3, 32, 32), budget=0.0, policy="topk", return_info=True)
+    assert (info.cost.kept == 0).all() and torch.isfinite(logits).all()
+    return info.cost

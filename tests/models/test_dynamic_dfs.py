@@ -2,7 +2,6 @@
 import pytest
 import torch
 
-from models.engines.compact import compact
 from models.networks.dfs import (
     BITOPS_LABEL,
     DFSResNet,
@@ -13,7 +12,7 @@ from models.networks.dfs import (
     resnet38,
 )
 from tests.conftest import randomize_bn
-from tests.dynamic_helpers import fvcore_macs, infer
+from tests.dynamic_helpers import fvcore_macs, infer, run_with_skipped_parts_failing
 
 BUDGETS = [0.0, 0.15, 0.3, 0.45, 0.6, 0.75, 0.9, 1.0]
 
@@ -80,15 +79,7 @@ def test_masks_are_thermometers(model, images):
 
 
 def test_skipped_blocks_are_not_computed(model, monkeypatch):
-    executor = compact(model)
-
-    def fail(*args, **kwargs):
-        raise AssertionError("a skipped block was computed")
-
-    for block in model.gated_blocks():
-        monkeypatch.setattr(block, "branch", fail)
-    logits, info = executor(torch.randn(2, 3, 32, 32), budget=0.0, policy="topk", return_info=True)
-    assert (info.cost.kept == 0).all() and torch.isfinite(logits).all()
+    run_with_skipped_parts_failing(model, monkeypatch, model.gated_blocks(), "branch")
 
 
 @pytest.mark.parametrize("size", [32, 48])
