@@ -159,12 +159,13 @@ def stop_group(proc: subprocess.Popen, timeout: float = 30) -> bool:
 
 
 def start_acs_serve(weights: Path, port: int, threads: int = 1, max_batch_size: int = 8,
-                    max_queue_size: int = 1024, log=None, extra: tuple[str, ...] = ()) -> subprocess.Popen:
+                    max_queue_size: int | None = 1024, log=None, extra: tuple[str, ...] = ()) -> subprocess.Popen:
     """`python -m service` on 127.0.0.1:port (CPU, no API key); not yet waited for."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "ACS_API_KEY": ""}
     cmd = [sys.executable, "-m", "service", "--weights-dir", str(weights), "--host", "127.0.0.1",
            "--port", str(port), "--device", "cpu", "--threads", str(threads),
-           "--max-batch-size", str(max_batch_size), "--max-queue-size", str(max_queue_size),
-           "--log-level", "warning", *extra]
+           "--max-batch-size", str(max_batch_size), "--log-level", "warning", *extra]
+    if max_queue_size is not None:  # None: the server's default
+        cmd += ["--max-queue-size", str(max_queue_size)]
     return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT if log else None,
                             cwd=ROOT)

@@ -204,7 +204,7 @@ def main() -> None:
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = start_acs_serve(Path(args.weights), port, max_queue_size=64,
+    proc = start_acs_serve(Path(args.weights), port, max_queue_size=None,
                            extra=("--max-body-bytes", str(BODY_LIMIT)))
     try:
         wait_http(url + "/readyz", 120, proc)

@@ -19,7 +19,9 @@ class Settings:
     threads: int = 1  # torch intra-op threads on the CPU
     max_batch_size: int = 8
     max_queue_delay_ms: float = 0.0  # 0: run as soon as the inference thread is free
-    max_queue_size: int = 64  # per model, in images
+    max_queue_size: int = 256  # per model, in images: at least what clients' connections can
+    # have outstanding (64 connections x 4 images), so a burst is queued, and admission by
+    # deadline, not a small fixed bound, refuses the work that cannot finish in time
     request_timeout_s: float = 30.0  # default deadline; a request's `timeout` may lower it
     max_timeout_s: float = 120.0
     max_body_bytes: int = 10 * 1024 * 1024

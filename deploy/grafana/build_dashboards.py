@@ -253,7 +253,7 @@ def overview() -> Board:
     b.timeseries("Queue depth",
                  "Images waiting per model and replica: the last scraped value and the "
                  "highest one over the interval. The HPA scales on this metric; alert "
-                 "AcsQueueNearlyFull fires above 48 (75% of the default queue size).",
+                 "AcsQueueNearlyFull fires above 192 (75% of the default queue size).",
                  [target(f"sum by (model, instance) (acs_queue_depth{{{sel}}})",
                          "{{model}} @ {{instance}}"),
                   target(f"max by (model, instance) (max_over_time(acs_queue_depth{{{sel}}}{WINDOW}))",
