@@ -25,6 +25,7 @@ def test_cost_carries_the_per_pixel_count(model, images):
     assert info.cost.pixel_executed.shape == (images.shape[0],)
     assert len(info.masks) == len(model.gated_totals()) == 18
 
+
 def test_topk_cost_is_exact_and_within_budget(model, images):
     for b in BUDGETS:
         info = infer(model, images, b, "topk")[1]
