@@ -159,7 +159,8 @@ def stop_group(proc: subprocess.Popen, timeout: float = 30) -> bool:
 
 
 def start_acs_serve(weights: Path, port: int, threads: int = 1, max_batch_size: int = 8,
-                    max_queue_size: int | None = 1024, log=None, extra: tuple[str, ...] = ()) -> subprocess.Popen:
+                    max_queue_size: int | None = 1024, log=None,
+                    extra: tuple[str, ...] = ()) -> subprocess.Popen:
     """`python -m service` on 127.0.0.1:port (CPU, no API key); not yet waited for."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "ACS_API_KEY": ""}
     cmd = [sys.executable, "-m", "service", "--weights-dir", str(weights), "--host", "127.0.0.1",
