@@ -17,6 +17,7 @@ from .batching import Job, JobResult
 from .errors import ApiError
 
 PARAMETERS = ("budget", "min_budget", "policy", "top_k", "timeout")
+V2_PARAMETERS = tuple(p for p in PARAMETERS if p != "top_k")  # v2 answers every probability
 RULES = {"budget": "must be a number in [0, 1]", "min_budget": "must be a number in [0, 1], at most budget",
          "policy": f"must be {', '.join(POLICIES[:-1])} or {POLICIES[-1]}",
          "top_k": "must be an integer from 1 to 1000", "timeout": "must be a number of seconds > 0"}

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
-from .inference import PredictParams
+from .inference import V2_PARAMETERS, PredictParams
 
 IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp", "image/gif", "image/bmp")
 
@@ -96,7 +96,7 @@ def infer_openapi() -> dict:
         "outputs": {"type": "array", "items": {"type": "object", "properties": {
             "name": {"type": "string"}, "parameters": {"type": "object"}}}},
         "parameters": {"type": "object", "properties": {
-            **{k: v for k, v in parameter_schemas().items() if k != "top_k"},
+            **{k: v for k, v in parameter_schemas().items() if k in V2_PARAMETERS},
             "binary_data_output": {"type": "boolean"}}}}}
     return {"requestBody": {"required": True, "content": {
         "application/json": {"schema": request},

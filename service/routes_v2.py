@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, Response
 
 from . import __version__
 from .errors import ApiError
-from .inference import too_many_images
+from .inference import V2_PARAMETERS, too_many_images
 from .openapi import errors, infer_openapi
 from .protocol import Decoded, Protocol, handle
 
@@ -208,7 +208,7 @@ class V2(Protocol):
         params = body.get("parameters") or {}
         if not isinstance(params, dict):
             raise ApiError(400, '"parameters" must be an object', "bad_request")
-        return Decoded({k: params[k] for k in PARAMETERS if k in params},
+        return Decoded({k: params[k] for k in V2_PARAMETERS if k in params},
                        body={"request": body, "binary": binary})
 
     def images(self, decoded: Decoded, served, settings) -> list[bytes] | torch.Tensor:
@@ -228,7 +228,6 @@ class V2(Protocol):
 
 
 V2_PROTOCOL = V2()
-PARAMETERS = ("budget", "min_budget", "policy", "timeout")  # the /v1 parameters but top_k
 
 
 def encode_response(body: dict, name: str, request_id: str, outputs: dict) -> Response:
