@@ -2,9 +2,11 @@
 0.25 and the floor (from each model's evaluation on the test split, kept in its manifest),
 the served executor's batch-1 and batch-32 latency at each budget, all measured here in one
 run, in the dtype the server serves each model in (`dtype=auto` on this machine), and the
-training time its card records.
+training time its card records; `--plot`: top-1 against mean executed MACs and against batch-1
+latency, a line per model.
 
-    OMP_NUM_THREADS=1 python bench/shipped_models.py --json docs/performance/shipped_models.json
+    OMP_NUM_THREADS=1 python bench/shipped_models.py --json docs/performance/shipped_models.json \
+        --plot docs/performance/shipped_models.png
 """
 
 from __future__ import annotations
@@ -57,8 +59,8 @@ def rows_for(folder: Path, args) -> list[dict]:
         row = evaluated.get(key, {})
         rows.append({"model": folder.name, "dtype": dtype, "policy": args.policy,
                      "budget": "floor" if key == FLOOR else budget, "top1": row.get("top1"),
-                     "mac_ratio": row.get("ratio_mean"), "batch1_ms": ms.get(1),
-                     "batch32_ms": ms.get(32), "training": training_time(folder)})
+                     "mac_ratio": row.get("ratio_mean"), "mmacs": row.get("mmacs_mean"),
+                     "batch1_ms": ms.get(1), "batch32_ms": ms.get(32), "training": training_time(folder)})
     return rows
 
 
@@ -74,6 +76,28 @@ def markdown(rows: list[dict]) -> str:
                            "batch 32 (ms)", "training"], cells)
 
 
+def plot(rows: list[dict], path: str) -> None:
+    """Top-1 against mean executed MACs (left) and batch-1 latency (right), a line per model."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(12, 4.5), dpi=110)
+    axes = fig.subplots(1, 2)
+    for model in dict.fromkeys(r["model"] for r in rows):
+        pts = [r for r in rows if r["model"] == model and r["top1"] is not None]
+        style = "o-" if len(pts) > 1 else "s"
+        for ax, x in zip(axes, ("mmacs", "batch1_ms"), strict=True):
+            ax.plot([r[x] for r in pts], [100 * r["top1"] for r in pts], style, label=model)
+    for ax, label in zip(axes, ("executed MACs, mean per image (M)", "batch-1 latency, median (ms)"),
+                         strict=True):
+        ax.set_xlabel(label)
+        ax.set_ylabel("top-1, test split (%)")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"Shipped models at budgets 0.25-1.0 and the floor ({rows[0]['policy']} policy)")
+    fig.tight_layout()
+    fig.savefig(path)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--weights", default=str(WEIGHTS), help="folder of checkpoint folders")
@@ -83,6 +107,7 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=30)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--json", help="write the rows and the machine here")
+    p.add_argument("--plot", help="write the top-1 / MACs / latency plot here (PNG)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     keep_freed_memory()
@@ -93,6 +118,8 @@ def main() -> None:
         meta = {"torch": torch.__version__, "machine": platform.processor() or platform.machine(),
                 "threads": args.threads, "device": args.device}
         Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    if args.plot:
+        plot(rows, args.plot)
 
 
 if __name__ == "__main__":

@@ -102,18 +102,33 @@ def calibrate(model: GatedNetwork, images: torch.Tensor, mean, std, device="cpu"
         hi, f_hi = torch.where(ok, guess, hi), torch.where(ok, ratio - target, f_hi)
         lo, f_lo = torch.where(ok, lo, guess), torch.where(ok, f_lo, ratio - target)
         side = torch.where(ok, 1.0, -1.0)
-    taus = hi.float().cummin(0).values
-    ratio, kept = threshold_pass(model, images, taus, mean, std, device)
+    return table_at(model, images, budgets, hi.float().cummin(0).values.tolist(), mean, std, device)
+
+
+def table_at(model: GatedNetwork, images: torch.Tensor, budgets: list[float], taus: list[float],
+             mean, std, device="cpu") -> CalibrationTable:
+    """The closed-loop table of thresholds `taus` (one per budget, not increasing): each
+    budget's topk/cap counts from the threshold policy's per-layer spending at its tau on
+    the images."""
+    ratio, kept = threshold_pass(model, images, torch.tensor(taus), mean, std, device)
     counts = [[0] * len(model.gated_totals())]
     for layer_kept, b in zip(kept, budgets, strict=True):
         counts.append(fitted_counts(model, layer_kept, b, counts[-1]))
-    counts = counts[1:]
     extra = {"method": "closed-loop bisection of tau; counts follow the threshold policy's "
                        "per-layer spending", "images": len(images),
              "threshold_ratio_mean": [round(v, 4) for v in ratio.mean(1).tolist()],
              "threshold_ratio_p95": [round(v, 4) for v in ratio.quantile(0.95, dim=1).tolist()]}
-    return CalibrationTable(budgets, [round(t, 6) for t in taus.tolist()], counts, floor,
+    return CalibrationTable(budgets, [round(t, 6) for t in taus], counts[1:], model.floor(),
                             "closed-loop", extra)
+
+
+def refit_counts(model: GatedNetwork, images: torch.Tensor, mean, std, device="cpu") -> CalibrationTable:
+    """The model's closed-loop table with its thresholds kept and its topk/cap counts fitted
+    again on the images (one threshold pass instead of a calibration's search)."""
+    table = model.table
+    if table.source != "closed-loop":
+        raise ValueError(f"only a closed-loop table keeps its thresholds (this one is {table.source!r})")
+    return table_at(model, images, table.budgets, table.taus, mean, std, device)
 
 
 CASCADE_STEP = 0.01  # budget spacing of the cascade rows: a request runs the row at or below it

@@ -174,6 +174,8 @@ def parser() -> argparse.ArgumentParser:
     recal.add_argument("--test-limit", type=int, help="test images (default: all)")
     recal.add_argument("--budgets", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
     recal.add_argument("--policies", nargs="+", choices=POLICIES, default=list(POLICIES))
+    recal.add_argument("--counts-only", action="store_true", help="keep the thresholds and their "
+                       "rows; fit the topk/cap counts again and measure those policies")
     every = sub.add_parser("all", help="train, calibrate, evaluate, export")
     run_arguments(every)
     train_arguments(every)
@@ -284,7 +286,7 @@ def run_command(args: argparse.Namespace) -> int:
         return 0
     if args.command == "recalibrate":
         print_rows(recalibrate(args.weights, load_dataset(args.data), args.limit, args.test_limit,
-                               args.budgets, tuple(args.policies)))
+                               args.budgets, tuple(args.policies), counts_only=args.counts_only))
         return 0
     if args.command == "precision":
         result = check_precision(args.weights, load_dataset(args.data), args.budgets,

@@ -39,13 +39,15 @@ def test_shipped_models_table_joins_the_evaluations_with_latency_measured_here(t
         shutil.copytree(ROOT / "weights" / name, tmp_path / "weights" / name)
     out = tmp_path / "shipped.json"
     run("shipped_models.py", "--weights", str(tmp_path / "weights"), "--repeat", "1", "--warmup", "0",
-        "--json", str(out))
+        "--json", str(out), "--plot", str(tmp_path / "shipped.png"))
     rows = json.loads(out.read_text())["rows"]
+    assert (tmp_path / "shipped.png").read_bytes()[:4] == b"\x89PNG"
     gated = [r for r in rows if r["model"] == "acs_fastnet"]
     assert [r["budget"] for r in gated] == [1.0, 0.75, 0.5, 0.25, "floor"]
     manifest = json.loads((ROOT / "weights" / "acs_fastnet" / "manifest.json").read_text())
     half = next(r for r in manifest["accuracy"] if r["policy"] == "threshold" and r["budget"] == 0.5)
     assert gated[2]["top1"] == half["top1"] and gated[2]["mac_ratio"] == half["ratio_mean"]
+    assert gated[2]["mmacs"] == half["mmacs_mean"]
     assert gated[4]["mac_ratio"] < 0.01 and all(r["batch1_ms"] > 0 and r["batch32_ms"] > 0 for r in rows)
     dense = [r for r in rows if r["model"] == "fastnet"]
     assert [r["budget"] for r in dense] == [1.0] and "min" in dense[0]["training"]

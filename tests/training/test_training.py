@@ -13,7 +13,7 @@ from PIL import Image
 
 import training.data
 import training.train
-from models.core.checkpoint import load_checkpoint, read_manifest
+from models.core.checkpoint import load_checkpoint, read_manifest, write_manifest
 from models.engines.compact import compact
 from models.networks.densenet import ACSDenseNet, DenseNetConfig
 from tests.conftest import randomize_bn
@@ -495,3 +495,33 @@ def test_cli_recalibrates_an_exported_checkpoint_in_place(folders, tmp_path):
     card = (out / "README.md").read_text()
     assert "old table" not in card and "| topk | 0.5 |" in card and "## Use\n\nkept" in card
     load_checkpoint(out)  # still valid
+
+
+def test_cli_recalibrate_counts_only_keeps_thresholds_and_their_rows(folders, tmp_path):
+    """--counts-only: the thresholds and the threshold rows stay; topk/cap counts are fitted
+    again (a table whose counts starve every layer gets real ones) and those policies measured."""
+    from models.core.checkpoint import save_checkpoint
+
+    out = tmp_path / "weights" / "tiny"
+    config = {**TINY, "blocks": tuple(TINY["blocks"]), "num_classes": 3, "input_size": 16}
+    model = randomize_bn(ACSDenseNet(DenseNetConfig(**config))).eval()
+    table = model.uniform_table()
+    model.table = type(table)(table.budgets, table.taus, [[0] * len(c) for c in table.counts], table.floor,
+                              "closed-loop")
+    row = {"policy": "threshold", "budget": 1.0, "top1": 0.123, "ratio_mean": 0.9, "ratio_p95": 0.9,
+           "ratio_max": 0.9, "mmacs_mean": 1.0, "mmacs_p95": 1.0, "mmacs_max": 1.0}
+    save_checkpoint(model, out, name="tiny", classes=CLASSES,
+                    provenance={"train": {"calib_fraction": 0.25, "seed": 0},
+                                "evaluation": {"split": "test", "images": 18}}, accuracy=[row])
+    argv = ["recalibrate", "--weights", str(out), "--data", str(folders), "--budgets", "0.5", "1.0",
+            "--limit", "8", "--counts-only"]
+    assert main(argv) == 0
+    manifest = read_manifest(out)
+    assert manifest["accuracy"][0] == row
+    assert {(r["policy"], r["budget"]) for r in manifest["accuracy"][1:]} == {
+        (p, b) for p in ("topk", "cap") for b in (0.5, 1.0)}
+    assert manifest["calibration"]["taus"] == table.taus
+    assert manifest["calibration"]["counts"][-1] != manifest["calibration"]["counts"][0]
+    manifest["provenance"]["evaluation"]["images"] = 5
+    write_manifest(out, manifest)
+    assert main(argv) == 2  # the kept rows came from another number of test images
