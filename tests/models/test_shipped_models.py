@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from models.core.budget import POLICIES
 from models.core.checkpoint import load_checkpoint, read_manifest
 from models.engines.precision import serving_dtype
 from models.engines.variants import VariantExecutor, executor_for, openvino_available
@@ -63,15 +64,18 @@ def test_shipped_model_classifies_the_samples_as_its_manifest_says(name):
     variants = isinstance(executor, VariantExecutor)
     if not variants:
         x = x.to(dtype)
-    budgets = (1.0, 0.5, 0.25) if checkpoint.model.gated else (1.0,)
-    for budget in budgets:
-        p = expected_top1(manifest, budget)
-        logits, info = executor(x, budget=budget, return_info=True)
+    gated = checkpoint.model.gated
+    points = [(b, policy) for policy in (POLICIES if gated else ("threshold",))
+              for b in ((1.0, 0.5, 0.25) if gated else (1.0,))]
+    for budget, policy in points:  # every policy's rows measured, and the samples agree
+        p = expected_top1(manifest, budget, policy)
+        logits, info = executor(x, budget=budget, policy=policy, return_info=True)
         top1 = (logits.argmax(1) == labels).float().mean().item()
         # 200 images: allow three standard errors of a binomial proportion below the test split's
-        assert top1 >= p - 3 * math.sqrt(p * (1 - p) / len(labels)), (name, budget, top1, p)
+        assert top1 >= p - 3 * math.sqrt(p * (1 - p) / len(labels)), (name, budget, policy, top1, p)
         with torch.no_grad():
-            reference, own = checkpoint.model.float()(x.float(), budget=budget, return_info=True)
+            reference, own = checkpoint.model.float()(x.float(), budget=budget, policy=policy,
+                                                      return_info=True)
         assert float(own.cost.ratio.mean()) <= budget + 0.05  # each image's own keep tracks b
         if variants:  # each image runs its own variants: the reference's, up to rounding
             assert abs(float(info.cost.ratio.mean() - own.cost.ratio.mean())) <= 0.02
