@@ -78,15 +78,18 @@ def markdown(rows: list[dict]) -> str:
 
 def plot(rows: list[dict], path: str) -> None:
     """Top-1 against mean executed MACs (left) and batch-1 latency (right), a line per model."""
+    from matplotlib import colormaps
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(12, 4.5), dpi=110)
     axes = fig.subplots(1, 2)
-    for model in dict.fromkeys(r["model"] for r in rows):
+    colors = colormaps["tab20"].colors
+    for i, model in enumerate(dict.fromkeys(r["model"] for r in rows)):
         pts = [r for r in rows if r["model"] == model and r["top1"] is not None]
-        style = "o-" if len(pts) > 1 else "s"
+        style = "o-" if len(pts) > 1 else "s"  # a dense model is one point
         for ax, x in zip(axes, ("mmacs", "batch1_ms"), strict=True):
-            ax.plot([r[x] for r in pts], [100 * r["top1"] for r in pts], style, label=model)
+            ax.plot([r[x] for r in pts], [100 * r["top1"] for r in pts], style, label=model,
+                    color=colors[2 * i % 20 + 2 * i // 20 % 2])
     for ax, label in zip(axes, ("executed MACs, mean per image (M)", "batch-1 latency, median (ms)"),
                          strict=True):
         ax.set_xlabel(label)
