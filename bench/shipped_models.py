@@ -83,13 +83,13 @@ def plot(rows: list[dict], path: str) -> None:
 
     fig = Figure(figsize=(12, 4.5), dpi=110)
     axes = fig.subplots(1, 2)
-    colors = colormaps["tab20"].colors
+    colors = colormaps["tab20"].colors  # pairs of a dark and a light shade of one hue
     for i, model in enumerate(dict.fromkeys(r["model"] for r in rows)):
         pts = [r for r in rows if r["model"] == model and r["top1"] is not None]
         style = "o-" if len(pts) > 1 else "s"  # a dense model is one point
         for ax, x in zip(axes, ("mmacs", "batch1_ms"), strict=True):
-            ax.plot([r[x] for r in pts], [100 * r["top1"] for r in pts], style, label=model,
-                    color=colors[2 * i % 20 + 2 * i // 20 % 2])
+            shade = colors[2 * (i % 10) + i // 10 % 2]  # the 10 dark shades first, then the light
+            ax.plot([r[x] for r in pts], [100 * r["top1"] for r in pts], style, label=model, color=shade)
     for ax, label in zip(axes, ("executed MACs, mean per image (M)", "batch-1 latency, median (ms)"),
                          strict=True):
         ax.set_xlabel(label)

@@ -500,14 +500,15 @@ def test_cli_recalibrates_an_exported_checkpoint_in_place(folders, tmp_path):
 def test_cli_recalibrate_counts_only_keeps_thresholds_and_their_rows(folders, tmp_path):
     """--counts-only: the thresholds and the threshold rows stay; topk/cap counts are fitted
     again (a table whose counts starve every layer gets real ones) and those policies measured."""
+    from models.core.budget import CalibrationTable
     from models.core.checkpoint import save_checkpoint
 
     out = tmp_path / "weights" / "tiny"
     config = {**TINY, "blocks": tuple(TINY["blocks"]), "num_classes": 3, "input_size": 16}
     model = randomize_bn(ACSDenseNet(DenseNetConfig(**config))).eval()
     table = model.uniform_table()
-    model.table = type(table)(table.budgets, table.taus, [[0] * len(c) for c in table.counts], table.floor,
-                              "closed-loop")
+    model.table = CalibrationTable(table.budgets, table.taus, [[0] * len(c) for c in table.counts],
+                                   table.floor, "closed-loop")
     row = {"policy": "threshold", "budget": 1.0, "top1": 0.123, "ratio_mean": 0.9, "ratio_p95": 0.9,
            "ratio_max": 0.9, "mmacs_mean": 1.0, "mmacs_p95": 1.0, "mmacs_max": 1.0}
     save_checkpoint(model, out, name="tiny", classes=CLASSES,
