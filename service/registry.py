@@ -13,7 +13,7 @@ import torch
 from models.core.budget import POLICIES
 from models.core.checkpoint import MANIFEST, CheckpointError, load_checkpoint
 from models.engines.precision import serving_dtype
-from models.engines.variants import VariantExecutor, engine_name, executor_for
+from models.engines.variants import engine_name, executor_for
 
 from .batching import Batcher
 
@@ -155,7 +155,7 @@ class ModelRegistry:
         model = checkpoint.model.to(self.device)
         executor = executor_for(model, self.device, dtype, self.settings.runtime, self.settings.threads)
         batcher = Batcher(name, model, executor, self.device, self.settings, self.metrics,
-                          torch.float32 if isinstance(executor, VariantExecutor) else dtype)
+                          dtype if engine_name(executor) == "torch-compact" else torch.float32)
         served = ServedModel(name, checkpoint.manifest, model, batcher, time.monotonic() - start,
                              dtype, engine_name(executor), folder=path, signature=signature)
         self.metrics.load_seconds.labels(name).set(served.load_seconds)

@@ -32,6 +32,17 @@ def kept_count(keep: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
+class Kernels:
+    """A step as plain modules, which a compiling runtime runs instead of its `apply`:
+    `modules[k]` maps state[reads] to state[writes] for the samples whose gated step keeps k
+    channels (a level), None leaves the state as it is; an ungated step has one module."""
+
+    modules: list[nn.Module | None]
+    reads: str = "h"
+    writes: str = "h"
+
+
+@dataclass
 class Step:
     """One stage of compact execution. Gated steps also score, select and key their masks
     (the executor numbers gated steps in order: `gated_index`)."""
@@ -41,6 +52,7 @@ class Step:
     groups: int = 1
     key: callable = kept_count  # keep (B, C) -> (B,) shape key; equal keys batch together
     zero: callable | None = None  # (state after a shared keep (1, C), own (B, kept)) -> state
+    kernels: Kernels | None = None  # the step as modules, for a compiling runtime
     gated_index: int = -1
 
 

@@ -34,14 +34,20 @@ def rows_of(state: State, index: torch.Tensor) -> State:
             for k, v in state.items()}
 
 
+def model_steps(model: GatedNetwork) -> list[Step]:
+    """The compact steps of a model's units, in order (the model in eval mode)."""
+    with torch.no_grad():
+        return [step for unit in model.eval().units() for step in unit.steps()]
+
+
 class CompactExecutor:
     """Runs a network's compact steps with the network's budget policies (puts the model in
     eval mode)."""
 
-    def __init__(self, model: GatedNetwork) -> None:
+    def __init__(self, model: GatedNetwork, steps: list[Step] | None = None) -> None:
+        """`steps`: the model's steps as another engine realizes them (default: its own)."""
         self.model = model.eval()
-        with torch.no_grad():
-            self.steps = [step for unit in model.units() for step in unit.steps()]
+        self.steps = steps or model_steps(model)
         gated = [step for step in self.steps if step.gate is not None]
         if len(gated) != len(model.gated_totals()):
             raise ValueError(f"{type(model).__name__}'s units give {len(gated)} gated steps for "

@@ -6,15 +6,14 @@ installed (`OpenVINORuntime`, compiled at load, in bfloat16 or float32), else an
 torch (`TorchRuntime`, contiguous slices, no gathers). `VariantExecutor` routes every image
 to a variant (`models.core.levels.cascade`), runs the images of one variant as one batch
 and charges each image the MACs of the variants it ran. A network without variants runs on
-the torch compact executor. Networks do not know which engine runs them.
+the compact executor: its steps' kernels compiled by OpenVINO where it has them
+(`stepwise`), else in torch. Networks do not know which engine runs them.
 """
 
 from __future__ import annotations
 
 import os
-import warnings
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -23,16 +22,10 @@ from ..core.budget import prefix_mask
 from ..core.levels import LevelNetwork, cascade
 from ..core.macs import Cost
 from .compact import CompactExecutor
+from .openvino_compile import openvino_available, openvino_infer, openvino_request
+from .stepwise import StepwiseExecutor, has_kernels
 
 RUNTIMES = ("auto", "openvino", "torch")
-
-
-def openvino_available() -> bool:
-    try:
-        import openvino  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 class TorchRuntime:
@@ -56,25 +49,11 @@ class OpenVINORuntime:
     name = "openvino"
 
     def __init__(self, modules: list[nn.Module], size: int, precision: str, threads: int) -> None:
-        import openvino as ov
-
         self.size, self.precision = size, precision
-        core = ov.Core()
-        config = {"INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": threads,
-                  "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
-        example = torch.zeros(1, 3, size, size)
-        self.requests = []
-        for module in modules:
-            with warnings.catch_warnings():  # the converter traces with torch.jit (deprecated)
-                warnings.simplefilter("ignore", FutureWarning)
-                graph = ov.convert_model(module.eval(), example_input=example,
-                                         input=[ov.PartialShape([-1, 3, size, size])])
-            self.requests.append(core.compile_model(graph, "CPU", config).create_infer_request())
+        self.requests = [openvino_request(m, (3, size, size), precision, threads) for m in modules]
 
     def __call__(self, level: int, x: torch.Tensor) -> torch.Tensor:
-        request = self.requests[level]
-        request.infer(np.ascontiguousarray(x.float().numpy()), share_inputs=True)
-        return torch.from_numpy(request.get_output_tensor(0).data.copy())
+        return openvino_infer(self.requests[level], x)
 
 
 def pick_runtime(setting: str, device: torch.device) -> str:
@@ -160,15 +139,20 @@ class VariantExecutor:
 
 
 def engine_name(executor) -> str:
-    """What an executor runs on: openvino or torch (variants), or torch-compact."""
-    return executor.runtime_name if isinstance(executor, VariantExecutor) else "torch-compact"
+    """What an executor runs on: openvino or torch (variants), openvino-steps, or torch-compact."""
+    return getattr(executor, "runtime_name", "torch-compact")
 
 
 def executor_for(model: GatedNetwork, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                  runtime: str = "auto", threads: int | None = None):
-    """What serves a model: its variants on a runtime when it has them, else the torch compact
-    executor (the model cast to `dtype`)."""
+    """What serves a model: its variants on a runtime when it has them; else its steps'
+    kernels compiled by OpenVINO where that is the runtime and its steps have them; else the
+    torch compact executor (the model cast to `dtype`)."""
     modules = model.variants()
     if modules is not None:
         return VariantExecutor(model, runtime, dtype, device, threads, modules)
+    device = torch.device(device)
+    if pick_runtime(runtime, device) == "openvino" and has_kernels(model):
+        precision = "bf16" if dtype == torch.bfloat16 else "f32"
+        return StepwiseExecutor(model, precision, threads or torch.get_num_threads() or os.cpu_count())
     return CompactExecutor(model.to(dtype))

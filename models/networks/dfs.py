@@ -46,28 +46,35 @@ from ..core.budget import (
 )
 from ..core.macs import Cost, conv_out
 from ..core.registry import register_model
-from ..core.units import Step, Tally, Trace, Unit
+from ..core.units import Kernels, Step, Tally, Trace, Unit
 from .cifar_resnet import build_resnet, resnet_units
 
 FULL_BITS = 32
+INT8_BITS = 8  # the bit-width that runs in int8 where the runtime has int8 kernels
 BITOPS_LABEL = "BitOps (fake-quantized: no wall-clock saving on CPU/GPU)"
 
 
 def quantize_weight(weight: torch.Tensor, bits: int) -> torch.Tensor:
     """Symmetric uniform fake quantization per output channel: 2^bits - 1 levels in
-    [-max|w|, max|w|]; straight-through gradient."""
+    [-max|w|, max|w|]; straight-through gradient. A FakeQuantize op, which OpenVINO runs
+    as integer weights."""
     qmax = 2 ** (bits - 1) - 1
-    w = weight.detach()
-    scale = w.abs().amax(tuple(range(1, w.dim())), keepdim=True) / qmax
-    scale = scale.clamp(min=torch.finfo(w.dtype).tiny)
-    q = (w / scale).round().clamp(-qmax, qmax) * scale
-    return q + (weight - w)  # exactly q forward; gradient 1 backward
+    w = weight.float()
+    scale = (w.detach().abs().amax(tuple(range(1, w.dim()))) / qmax).clamp(min=torch.finfo(w.dtype).tiny)
+    zero = torch.zeros(w.shape[0], dtype=torch.int32, device=w.device)
+    return torch.fake_quantize_per_channel_affine(w, scale, zero, 0, -qmax, qmax).to(weight.dtype)
 
 
-def quantize_activation(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """Unsigned uniform fake quantization per sample (dynamic range [0, max of the sample]):
-    2^bits levels; for non-negative (post-ReLU) activations; straight-through gradient."""
+def quantize_activation(x: torch.Tensor, bits: int, limit: torch.Tensor | None = None) -> torch.Tensor:
+    """Unsigned uniform fake quantization of non-negative (post-ReLU) activations, 2^bits
+    levels; straight-through gradient. Per sample (dynamic range [0, max of the sample]), or
+    with a calibrated static range [0, limit] (values above it saturate): a FakeQuantize op,
+    which OpenVINO runs in int8 at 8 bits."""
     qmax = 2**bits - 1
+    if limit is not None:
+        scale = (limit.float() / qmax).clamp(min=torch.finfo(torch.float32).tiny)
+        return torch.fake_quantize_per_tensor_affine(x.float(), scale, torch.zeros((), dtype=torch.int32,
+                                                     device=x.device), 0, qmax).to(x.dtype)
     v = x.detach()
     scale = v.amax(tuple(range(1, v.dim())), keepdim=True) / qmax
     scale = scale.clamp(min=torch.finfo(v.dtype).tiny)
@@ -170,19 +177,30 @@ class DFSBlock(nn.Module, Unit):
         self.gate = DFSGate(cin, len(bits)) if bits and self.shortcut is None else None
         # bit-width of an ungated block: the highest in a gated network, else 32
         self.fixed_bits = bits[-1] if bits and self.gate is None else None
+        if self.gate is not None:  # static ranges of the 8-bit level's two activations (0: none)
+            self.register_buffer("act_limit", torch.zeros(2))
+
+    def limits(self, bits: int | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The static activation ranges at `bits`: calibrated ones at 8 bits in eval mode,
+        else none (per-sample ranges)."""
+        calibrated = getattr(self, "act_limit", None)
+        if bits != INT8_BITS or self.training or calibrated is None or not calibrated.all():
+            return None, None
+        return calibrated[0], calibrated[1]
 
     def branch(self, x: torch.Tensor, bits: int | None = None,
                weights: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """The residual branch in full precision (bits None) or fake-quantized to `bits`;
         `weights`: the two already-quantized convolution weights, if at hand."""
         w1, w2 = weights or (self.conv1.weight, self.conv2.weight)
+        limit1, limit2 = self.limits(bits)
         if bits is not None:
-            x = quantize_activation(x, bits)
+            x = quantize_activation(x, bits, limit1)
             if weights is None:
                 w1 = quantize_weight(w1, bits)
         h = F.relu(self.bn1(F.conv2d(x, w1, None, self.stride, 1)))
         if bits is not None:
-            h = quantize_activation(h, bits)
+            h = quantize_activation(h, bits, limit2)
             if weights is None:
                 w2 = quantize_weight(w2, bits)
         return self.bn2(F.conv2d(h, w2, None, 1, 1))
@@ -232,9 +250,11 @@ class DFSBlock(nn.Module, Unit):
 
     def steps(self) -> list[Step]:
         """A skipped block is not computed; an executed one runs at its level's bit-width
-        with weights quantized once (the operations of the reference: the same numbers)."""
+        with weights quantized once (the operations of the reference: the same numbers).
+        Kernels: the block at each level as a module (`DFSKernel`)."""
         if self.gate is None:
-            return [Step(lambda state, keep: {"h": self.full(state["h"])})]
+            return [Step(lambda state, keep: {"h": self.full(state["h"])},
+                         kernels=Kernels([DFSKernel(self, None)]))]
         weights = [(quantize_weight(self.conv1.weight, b), quantize_weight(self.conv2.weight, b))
                    for b in self.bits]
 
@@ -244,7 +264,24 @@ class DFSBlock(nn.Module, Unit):
                 return state  # skipped: not computed
             h = state["h"]
             return {"h": F.relu(h + self.branch(h, self.bits[level - 1], weights[level - 1]))}
-        return [Step(apply, gate=lambda state: self.gate(state["h"]))]
+        kernels = Kernels([None, *(DFSKernel(self, b if b == INT8_BITS else None) for b in self.bits)])
+        return [Step(apply, gate=lambda state: self.gate(state["h"]), kernels=kernels)]
+
+
+class DFSKernel(nn.Module):
+    """A block at one level as a plain module (h -> h) for a compiling runtime: at 8 bits
+    quantized as the reference does (static ranges, FakeQuantize ops: int8 kernels in
+    OpenVINO), otherwise in float (no 12- or 16-bit integer kernels exist; within 2^-12 of
+    the reference's fake quantization)."""
+
+    def __init__(self, block: DFSBlock, bits: int | None) -> None:
+        super().__init__()
+        self.block, self.bits = block, bits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        block = self.block
+        short = x if block.shortcut is None else block.shortcut(x)
+        return F.relu(block.branch(x, self.bits) + short)
 
 
 class DFSResNet(GatedNetwork):
@@ -272,6 +309,36 @@ class DFSResNet(GatedNetwork):
 
     def units(self) -> list[Unit]:
         return resnet_units(self)
+
+    @torch.no_grad()
+    def recalibrate(self, batches) -> int:
+        """The static activation ranges of every gated block's 8-bit level (what int8 kernels
+        need): the mean over images of each image's maximum (OpenVINO's default estimator) of
+        the block's input and of its inner activation, every block at its highest level."""
+        blocks = self.gated_blocks()
+        if not blocks:
+            return 0
+        sums, images, count = torch.zeros(len(blocks), 2), 0, 0
+        self.eval()
+        for x in batches:
+            h = F.relu(self.stem_bn(self.stem(x)))
+            for block in self.blocks:
+                if block.gate is None:
+                    h = block.full(h)
+                    continue
+                inner = F.relu(block.bn1(F.conv2d(quantize_activation(h, INT8_BITS),
+                                                  quantize_weight(block.conv1.weight, INT8_BITS),
+                                                  None, block.stride, 1)))
+                i = blocks.index(block)
+                sums[i] += torch.stack([h.amax((1, 2, 3)).sum(), inner.amax((1, 2, 3)).sum()]).cpu()
+                h = F.relu(h + block.branch(h, block.bits[-1]))
+            images, count = images + x.shape[0], count + 1
+        for block, total in zip(blocks, sums, strict=True):
+            block.act_limit.copy_(total / max(images, 1))
+        return count
+
+    def calibrated_state(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.state_dict().items() if k.endswith("act_limit")}
 
     # --- budget mapping (BitOps) ---------------------------------------------------------
 

@@ -156,3 +156,65 @@ def test_gradients_reach_the_gates():
     logits.square().mean().backward()
     for block in model.gated_blocks():
         assert block.gate.fc.weight.grad.abs().sum() > 0
+
+
+def calibrated(seed: int = 0) -> tuple[DFSResNet, torch.Tensor]:
+    """A small DFS network with its static 8-bit ranges calibrated on random images."""
+    torch.manual_seed(seed)
+    model = randomize_bn(DFSResNet(DFSResNetConfig(blocks=(2, 2), widths=(8, 16), bits=(8, 12, 16))))
+    x = torch.randn(24, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+    assert model.recalibrate([x[:12], x[12:]]) == 2
+    return model.eval(), x
+
+
+def test_recalibrate_sets_the_8_bit_levels_static_ranges():
+    model, x = calibrated()
+    first = model.gated_blocks()[0]
+    stem = torch.relu(model.stem_bn(model.stem(x)))
+    assert first.act_limit[0].item() == pytest.approx(stem.amax((1, 2, 3)).mean().item(), rel=1e-5)
+    assert (first.act_limit > 0).all()
+    state = model.calibrated_state()
+    gated = [i for i, b in enumerate(model.blocks) if b.gate is not None]
+    assert sorted(state) == [f"blocks.{i}.act_limit" for i in gated]
+    assert DFSResNet(DFSResNetConfig(gate=False)).recalibrate([x]) == 0  # nothing to calibrate
+
+
+def test_static_ranges_quantize_the_8_bit_level_in_eval_only():
+    model, x = calibrated()
+    block = model.gated_blocks()[0]
+    h = torch.relu(model.stem_bn(model.stem(x))) * 3  # some values above the range
+    limit = block.act_limit[0]
+    static = quantize_activation(h, 8, limit)
+    assert static.max() <= limit + 1e-6 and len(static.unique()) <= 256  # saturates, 256 levels
+    expected = torch.fake_quantize_per_tensor_affine(h, (limit / 255).item(), 0, 0, 255)
+    assert torch.allclose(static, expected)
+    assert torch.equal(torch.stack(block.limits(8)), block.act_limit) and block.limits(12) == (None, None)
+    model.train()
+    assert block.limits(8) == (None, None)  # training quantizes per sample
+
+
+def test_openvino_runs_the_8_bit_level_in_int8_and_matches_the_reference():
+    pytest.importorskip("openvino")
+    from models.engines.compact import CompactExecutor
+    from models.engines.variants import engine_name, executor_for
+
+    model, x = calibrated()
+    served, reference = executor_for(model), CompactExecutor(model)
+    assert engine_name(served) == "openvino-steps"
+    for levels in served.kernel_precisions()[:2]:  # a gated block (its levels), then a
+        if len(levels) == 4:                       # downsampling block (one kernel, float)
+            assert levels[0] == [] and set(levels[1]) <= {"u8", "i8"} and levels[1]
+            assert all(set(p) == {"f32"} for p in levels[2:])
+        else:
+            assert set(levels[0]) == {"f32"}
+    for policy in ("topk", "threshold"):
+        for budget in (0.3, 0.6, 1.0):
+            logits, info = served(x, budget, policy, return_info=True)
+            want, want_info = reference(x, budget, policy, return_info=True)
+            assert torch.allclose(logits, want, rtol=1e-2, atol=1e-2 * want.abs().max().item())
+            assert (logits.argmax(1) == want.argmax(1)).float().mean() >= 0.9
+            if policy == "topk":  # the same levels: the same masks and BitOps
+                assert all(torch.equal(a, b) for a, b in zip(info.masks, want_info.masks, strict=True))
+                assert torch.equal(info.cost.bitops, want_info.cost.bitops)
+    other = torch.randn(2, 3, 40, 40)  # another input size: the torch steps
+    assert torch.equal(served(other, 0.5), reference(other, 0.5))
