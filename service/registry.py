@@ -28,7 +28,7 @@ class ServedModel:
     batcher: Batcher
     load_seconds: float
     precision: torch.dtype = torch.float32  # what the model computes in
-    engine: str = "torch-compact"  # what runs it: openvino, torch (variants) or torch-compact
+    engine: str = "torch-compact"  # what runs it: openvino, torch (variants), openvino-steps or torch-compact
     warmup_seconds: float = 0.0
     ready: bool = False
     folder: Path | None = None  # the checkpoint folder it came from

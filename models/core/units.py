@@ -35,7 +35,8 @@ def kept_count(keep: torch.Tensor) -> torch.Tensor:
 class Kernels:
     """A step as plain modules, which a compiling runtime runs instead of its `apply`:
     `modules[k]` maps state[reads] to state[writes] for the samples whose gated step keeps k
-    channels (a level), None leaves the state as it is; an ungated step has one module."""
+    channels (a level), None leaves the state as it is; an ungated step has one module. A
+    module that serves several levels is compiled once."""
 
     modules: list[nn.Module | None]
     reads: str = "h"

@@ -17,9 +17,23 @@ def openvino_available() -> bool:
     return True
 
 
-def openvino_request(module: nn.Module, shape: tuple[int, ...], precision: str, threads: int):
-    """An infer request of `module` compiled by OpenVINO for the CPU: input (batch, *shape) with
-    a dynamic batch, in `precision` ("bf16" or "f32"; FakeQuantize ops run in int8)."""
+class Bundle(nn.Module):
+    """Several modules as one, each on its own input: one trace converts them all."""
+
+    def __init__(self, modules: list[nn.Module]) -> None:
+        super().__init__()
+        self.parts = nn.ModuleList(modules)
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(part(x) for part, x in zip(self.parts, inputs, strict=True))
+
+
+def openvino_requests(modules: list[nn.Module], shapes: list[tuple[int, ...]], precision: str,
+                      threads: int) -> list:
+    """An infer request per module, compiled by OpenVINO for the CPU: input (batch, *shape)
+    with a dynamic batch, in `precision` ("bf16" or "f32"; FakeQuantize ops run in int8).
+    The modules convert as one graph (a conversion costs about a second however small the
+    module), which splits into a model per module."""
     import openvino as ov
 
     config = {"INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": threads,
@@ -27,9 +41,13 @@ def openvino_request(module: nn.Module, shape: tuple[int, ...], precision: str, 
     with warnings.catch_warnings(), torch.no_grad():  # the converter traces with torch.jit
         warnings.simplefilter("ignore", FutureWarning)  # (deprecated), which warns of every
         warnings.simplefilter("ignore", torch.jit.TracerWarning)  # Python branch it fixes
-        graph = ov.convert_model(module.eval(), example_input=torch.zeros(1, *shape),
-                                 input=[ov.PartialShape([-1, *shape])])
-    return ov.Core().compile_model(graph, "CPU", config).create_infer_request()
+        example = tuple(torch.zeros(1, *s) for s in shapes)
+        graph = ov.convert_model(Bundle(modules).eval(), example_input=example,
+                                 input=[ov.PartialShape([-1, *s]) for s in shapes])
+    core = ov.Core()
+    parts = zip(graph.get_results(), graph.get_parameters(), strict=True)
+    return [core.compile_model(ov.Model([result], [parameter]), "CPU", config).create_infer_request()
+            for result, parameter in parts]
 
 
 def openvino_infer(request, x: torch.Tensor) -> torch.Tensor:

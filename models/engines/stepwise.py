@@ -17,7 +17,7 @@ import torch
 from ..core.base import GatedNetwork
 from ..core.units import Kernels, Step
 from .compact import CompactExecutor, model_steps
-from .openvino_compile import convolution_precisions, openvino_infer, openvino_request
+from .openvino_compile import convolution_precisions, openvino_infer, openvino_requests
 
 
 def has_kernels(model: GatedNetwork) -> bool:
@@ -69,10 +69,15 @@ class StepwiseExecutor:
         self.model = model.float().eval()
         self.fallback = CompactExecutor(model)
         steps = self.fallback.steps
-        self.requests = [None if step.kernels is None else
-                         [None if m is None else openvino_request(m, shape, precision, threads)
-                          for m in step.kernels.modules]
-                         for step, shape in zip(steps, input_shapes(model, steps), strict=True)]
+        shapes = {}  # each kernel's input shape; a module serving several levels compiles once
+        for step, shape in zip(steps, input_shapes(model, steps), strict=True):
+            for module in step.kernels.modules if step.kernels else []:
+                if module is not None:
+                    shapes.setdefault(module, shape)
+        requests = openvino_requests(list(shapes), list(shapes.values()), precision, threads)
+        compiled = dict(zip(shapes, requests, strict=True))
+        self.requests = [None if step.kernels is None else [compiled.get(m) for m in step.kernels.modules]
+                         for step in steps]
         self.compiled = CompactExecutor(model, [step if requests is None else compiled_step(step, requests)
                                                 for step, requests in zip(steps, self.requests, strict=True)])
 

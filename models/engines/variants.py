@@ -22,7 +22,7 @@ from ..core.budget import prefix_mask
 from ..core.levels import LevelNetwork, cascade
 from ..core.macs import Cost
 from .compact import CompactExecutor
-from .openvino_compile import openvino_available, openvino_infer, openvino_request
+from .openvino_compile import openvino_available, openvino_infer, openvino_requests
 from .stepwise import StepwiseExecutor, has_kernels
 
 RUNTIMES = ("auto", "openvino", "torch")
@@ -50,7 +50,7 @@ class OpenVINORuntime:
 
     def __init__(self, modules: list[nn.Module], size: int, precision: str, threads: int) -> None:
         self.size, self.precision = size, precision
-        self.requests = [openvino_request(m, (3, size, size), precision, threads) for m in modules]
+        self.requests = openvino_requests(modules, [(3, size, size)] * len(modules), precision, threads)
 
     def __call__(self, level: int, x: torch.Tensor) -> torch.Tensor:
         return openvino_infer(self.requests[level], x)

@@ -12,9 +12,16 @@ projection shortcut) are not gated and always run at the highest bit-width; the 
 projection shortcuts, the gates and the classifier run in full precision (32-bit).
 
 Cost. MACs at reduced precision are still MACs: `Cost.executed` counts every executed
-block in full, and only skipped blocks save MACs. Fake quantization saves no time on a CPU
-or GPU. The paper's figure is in bit-operations, BitOps = MACs x weight bits x activation
-bits, reported as `DFSCost.bitops` and labelled `BITOPS_LABEL`.
+block in full, and only skipped blocks save MACs. The paper's figure is in bit-operations,
+BitOps = MACs x weight bits x activation bits, reported as `DFSCost.bitops` and labelled
+`BITOPS_LABEL`.
+
+Execution. Torch runs the levels fake-quantized (no saving). The 8-bit level can run in
+int8 for real: `acs-train calibrate` sets static activation ranges per gated block
+(`recalibrate`; the eval reference then quantizes 8 bits with them, per sample otherwise),
+and each step's kernels (`DFSKernel`: the block at one level as a module of FakeQuantize
+ops) compile in OpenVINO to int8 convolutions (`models.engines.stepwise`); 12 and 16 bits
+have no integer kernels and run in float there.
 
 Budget -> target computation percentage, in BitOps (`budget_unit = "bitops"`): the fraction
 of the BitOps of the network's most expensive configuration (every gated block at the
@@ -51,7 +58,7 @@ from .cifar_resnet import build_resnet, resnet_units
 
 FULL_BITS = 32
 INT8_BITS = 8  # the bit-width that runs in int8 where the runtime has int8 kernels
-BITOPS_LABEL = "BitOps (fake-quantized: no wall-clock saving on CPU/GPU)"
+BITOPS_LABEL = "BitOps (8-bit blocks run in int8 on OpenVINO, 12/16-bit in float)"
 
 
 def quantize_weight(weight: torch.Tensor, bits: int) -> torch.Tensor:
@@ -264,7 +271,8 @@ class DFSBlock(nn.Module, Unit):
                 return state  # skipped: not computed
             h = state["h"]
             return {"h": F.relu(h + self.branch(h, self.bits[level - 1], weights[level - 1]))}
-        kernels = Kernels([None, *(DFSKernel(self, b if b == INT8_BITS else None) for b in self.bits)])
+        in_float = DFSKernel(self, None)  # one kernel for every level above 8 bits
+        kernels = Kernels([None, *(DFSKernel(self, b) if b == INT8_BITS else in_float for b in self.bits)])
         return [Step(apply, gate=lambda state: self.gate(state["h"]), kernels=kernels)]
 
 

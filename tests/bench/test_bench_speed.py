@@ -130,3 +130,33 @@ def test_latency_objective_bench_compares_the_server_with_and_without_it(tmp_pat
         assert row["sent"] > 0 and row["ok"] + row["refused"] * row["sent"] <= row["sent"] + 1e-6
         assert 0.25 - 1e-6 <= row["mean_budget"] <= 1.0
     assert rows[None]["lowered"] == 0 and rows[None]["recovery_s"] is None  # never lowered without it
+
+
+def test_dfs_int8_times_the_served_engine_against_torch_dense_and_float_kernels(tmp_path):
+    import torch
+
+    from models.core.checkpoint import save_checkpoint
+    from models.networks.dfs import DFSResNet, DFSResNetConfig
+    from tests.conftest import randomize_bn
+
+    torch.manual_seed(0)
+    config = {"blocks": (2, 2), "widths": (8, 16), "bits": (8, 12, 16)}
+    gated = randomize_bn(DFSResNet(DFSResNetConfig(**config)))
+    gated.recalibrate([torch.randn(16, 3, 32, 32)])
+    classes = [f"c{i}" for i in range(10)]
+    save_checkpoint(gated, tmp_path / "dfs", name="dfs", classes=classes, dense_baseline="dense")
+    save_checkpoint(DFSResNet(DFSResNetConfig(gate=False, **config)), tmp_path / "dense", name="dense",
+                    classes=classes)
+    out = tmp_path / "int8.json"
+    run("dfs_int8.py", "--weights", str(tmp_path), "--model", "dfs", "--budgets", "1.0", "0.5",
+        "--batches", "1", "4", "--runs", "2", "--json", str(out))
+    result = json.loads(out.read_text())
+    assert result["meta"]["engine"] == "openvino-steps" and result["meta"]["bits"] == [8, 12, 16]
+    rows = result["rows"]
+    assert [(r["batch"], r["budget"]) for r in rows] == [(1, 1.0), (1, 0.5), (4, 1.0), (4, 0.5)]
+    assert all(r["served_ms"] > 0 and r["torch_ms"] > 0 and r["dense_ms"] > 0 for r in rows)
+    assert all(abs(sum(r["levels"].values()) - 1) < 0.01 for r in rows)
+    assert rows[1]["bitops_ratio"] <= rows[0]["bitops_ratio"]
+    gated_blocks = [i for i, level in enumerate(result["meta"]["kernel_precisions"]) if len(level) == 4]
+    assert len(result["levels"]) == 2 * len(gated_blocks)  # each at both batch sizes
+    assert all(r["int8_speedup"] > 0 for r in result["levels"])
