@@ -6,7 +6,8 @@ shipped sample photos (each call the next ones):
 - served: the model as the server runs it (`openvino-steps`: each block's kernels compiled
   by OpenVINO, the 8-bit level in int8, 12 and 16 bits in float32), at each of --budgets;
 - torch: the same model on the torch compact executor (fake quantization, no saving);
-- dense: its manifest's dense baseline compiled whole by OpenVINO in float32, called bare;
+- dense: its manifest's dense baseline as the server runs it (compiled whole by OpenVINO,
+  float32), called bare;
 
 and per level, each gated block's kernel alone at 8 bits (int8) against the same block at
 12 bits (float32): what int8 buys a block. Budgets are in BitOps, as the model's table.
@@ -28,22 +29,11 @@ from engine_speed import rotating, sample_images
 
 from models.core.checkpoint import load_checkpoint
 from models.engines.compact import CompactExecutor
-from models.engines.openvino_compile import openvino_infer, openvino_requests
+from models.engines.openvino_compile import openvino_infer
 from models.engines.stepwise import StepwiseExecutor, input_shapes
-from models.engines.variants import engine_name
+from models.engines.variants import engine_name, executor_for
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-class Whole(torch.nn.Module):
-    """A dense network's forward at budget 1.0, as one module to compile."""
-
-    def __init__(self, model) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x, budget=1.0)
 
 
 def level_rows(served: StepwiseExecutor, batches: list[int], runs: int) -> list[dict]:
@@ -66,16 +56,15 @@ def level_rows(served: StepwiseExecutor, batches: list[int], runs: int) -> list[
 def run(args) -> dict:
     checkpoint = load_checkpoint(args.weights / args.model)
     model, manifest = checkpoint.model, checkpoint.manifest
-    dense = load_checkpoint(args.weights / manifest["dense_baseline"]).model.eval()
+    dense = executor_for(load_checkpoint(args.weights / manifest["dense_baseline"]).model,
+                         threads=args.threads)
     served = StepwiseExecutor(model, "f32", args.threads)
     torch_steps = CompactExecutor(model)
-    size = model.input_size
-    whole = openvino_requests([Whole(dense)], [(3, size, size)], "f32", args.threads)[0]
     images = sample_images(manifest)
     rows = []
     for n in args.batches:
         x = rotating(images, n)
-        calls = {("dense", 1.0): lambda x=x: openvino_infer(whole, x())}
+        calls = {("dense", 1.0): lambda x=x: dense.runtime(0, x())}  # the compiled model, bare
         for b in args.budgets:
             calls[("served", b)] = lambda x=x, b=b: served(x(), budget=b, policy=args.policy)
             calls[("torch", b)] = lambda x=x, b=b: torch_steps(x(), budget=b, policy=args.policy)
@@ -93,6 +82,7 @@ def run(args) -> dict:
                          "served_vs_torch": round(ms[("served", b)] / ms[("torch", b)], 3)})
     meta = {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
             "model": args.model, "engine": engine_name(served), "dense": manifest["dense_baseline"],
+            "dense_engine": engine_name(dense),
             "policy": args.policy, "bits": list(model.config.bits),
             "kernel_precisions": served.kernel_precisions()}
     return {"meta": meta, "rows": rows, "levels": level_rows(served, args.batches, args.runs)}
@@ -100,8 +90,8 @@ def run(args) -> dict:
 
 def print_tables(result: dict) -> None:
     m = result["meta"]
-    print(f"\n{m['model']} ({m['engine']}, {m['policy']}) against {m['dense']} (OpenVINO float32, "
-          f"whole); {m['threads']} thread(s); {m['cpu']}\n")
+    print(f"\n{m['model']} ({m['engine']}, {m['policy']}) against {m['dense']} ({m['dense_engine']}, "
+          f"float32, whole); {m['threads']} thread(s); {m['cpu']}\n")
     print(markdown_table(
         ["batch", "budget", "BitOps", "MACs", "blocks skipped / 8 / 12 / 16 bits", "served ms", "torch ms",
          "dense ms", "served/dense", "served/torch"],

@@ -47,6 +47,18 @@ class Gate(nn.Module):
     """Base of the modules whose outputs are gate scores (training can detach them)."""
 
 
+class DenseForward(nn.Module):
+    """A network's forward at budget 1.0 as a plain module (normalized images -> logits): a
+    dense network's one variant, which a runtime compiles whole."""
+
+    def __init__(self, network: GatedNetwork) -> None:
+        super().__init__()
+        self.network = network
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.network(x, budget=1.0)
+
+
 class GatedNetwork(nn.Module):
     """Base of the gated networks; `budget` is a per-call argument, never module state.
 

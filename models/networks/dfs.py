@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.base import Gate, GatedNetwork
+from ..core.base import DenseForward, Gate, GatedNetwork
 from ..core.budget import (
     GRID_STEP,
     CalibrationTable,
@@ -317,6 +317,10 @@ class DFSResNet(GatedNetwork):
 
     def units(self) -> list[Unit]:
         return resnet_units(self)
+
+    def variants(self) -> list[nn.Module] | None:
+        """The dense baseline (gates off) compiles whole; a gated network runs its steps."""
+        return None if self.config.gate else [DenseForward(self).eval()]
 
     @torch.no_grad()
     def recalibrate(self, batches) -> int:

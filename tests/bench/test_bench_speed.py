@@ -152,6 +152,7 @@ def test_dfs_int8_times_the_served_engine_against_torch_dense_and_float_kernels(
         "--batches", "1", "4", "--runs", "2", "--json", str(out))
     result = json.loads(out.read_text())
     assert result["meta"]["engine"] == "openvino-steps" and result["meta"]["bits"] == [8, 12, 16]
+    assert result["meta"]["dense_engine"] == "openvino"
     rows = result["rows"]
     assert [(r["batch"], r["budget"]) for r in rows] == [(1, 1.0), (1, 0.5), (4, 1.0), (4, 0.5)]
     assert all(r["served_ms"] > 0 and r["torch_ms"] > 0 and r["dense_ms"] > 0 for r in rows)

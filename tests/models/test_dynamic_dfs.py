@@ -218,3 +218,18 @@ def test_openvino_runs_the_8_bit_level_in_int8_and_matches_the_reference():
                 assert torch.equal(info.cost.bitops, want_info.cost.bitops)
     other = torch.randn(2, 3, 40, 40)  # another input size: the torch steps
     assert torch.equal(served(other, 0.5), reference(other, 0.5))
+
+
+def test_the_dense_baseline_compiles_whole():
+    pytest.importorskip("openvino")
+    from models.engines.variants import engine_name, executor_for
+
+    torch.manual_seed(0)
+    dense = randomize_bn(DFSResNet(DFSResNetConfig(blocks=(2, 2), widths=(8, 16), gate=False))).eval()
+    served = executor_for(dense)
+    assert engine_name(served) == "openvino" and len(served.runtime.requests) == 1
+    x = torch.randn(4, 3, 32, 32)
+    logits, info = served(x, 1.0, return_info=True)
+    want = dense(x, budget=1.0)
+    assert torch.allclose(logits, want, atol=1e-4 * want.abs().max().item())
+    assert (info.cost.executed == dense.macs([], 32, 32).dense).all()
