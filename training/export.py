@@ -132,6 +132,10 @@ def model_card(name: str, config: dict, progress: dict, model, result: dict | No
     last = progress["history"][-1] if progress["history"] else {}
     dense = model.count_cost([0] * len(model.gated_totals())).dense
     gate = f", gate `{config['model']['gate']}`" if "gate" in config["model"] else ""
+    floor, cost = "", ""  # a dense network has no floor and trains with no cost term
+    if model.gated:
+        floor = f"; floor (everything gated skipped) {model.floor():.3f} of the {model.budget_unit}"
+        cost = f"cost weight {train['cost_weight']}, "
     lines = [
         f"# {name}", "",
         f"`{train['arch']}` ({config['architecture']}{gate}), trained "
@@ -140,11 +144,10 @@ def model_card(name: str, config: dict, progress: dict, model, result: dict | No
         "| | |", "| --- | --- |",
         f"| config | `{json.dumps(config['model'])}` |",
         f"| input | {data['image_size']}x{data['image_size']}, mean {data['mean']}, std {data['std']} |",
-        f"| dense MACs | {dense / 1e6:.1f} M; floor (every gated channel skipped) {model.floor():.3f} |",
+        f"| dense MACs | {dense / 1e6:.1f} M{floor} |",
         f"| training | recipe `{train.get('recipe', 'default')}`: {progress['epoch']} epochs, "
         f"{progress['step']} steps, batch {train['batch_size']}, lr {train['lr']}, "
-        f"{schedule(train, model.gated)}; "
-        f"cost weight {train['cost_weight']}, DGConv weight {train['dg_weight']}, seed {train['seed']} |",
+        f"{schedule(train, model.gated)}; {cost}DGConv weight {train['dg_weight']}, seed {train['seed']} |",
         f"| wall time | {wall_time(config, progress['history'])} |",
         f"| last epoch | {json.dumps(last)} |",
         f"| calibration | {calibration(model)} |",

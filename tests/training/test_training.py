@@ -290,6 +290,10 @@ def test_dense_baseline_trains_with_the_same_code(folders, tmp_path):
     assert not model.gated
     history = read_progress(tmp_path / "dense")["history"]
     assert history[0]["ratio"] == 1.0 and "val_top1@1.0" in history[0]
+    assert main(["calibrate", "--run", str(tmp_path / "dense")]) == 0
+    assert main(["export", "--run", str(tmp_path / "dense"), "--out", str(tmp_path / "out")]) == 0
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "| dense MACs |" in card and "floor" not in card and "cost weight" not in card
 
 
 # --- calibration and evaluation -------------------------------------------------------------
