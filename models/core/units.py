@@ -54,6 +54,8 @@ class Step:
     key: callable = kept_count  # keep (B, C) -> (B,) shape key; equal keys batch together
     zero: callable | None = None  # (state after a shared keep (1, C), own (B, kept)) -> state
     kernels: Kernels | None = None  # the step as modules, for a compiling runtime
+    merges: bool = False  # its output has one shape whatever it keeps: the groups a batch
+    # splits into at this step run on together after it
     gated_index: int = -1
 
 

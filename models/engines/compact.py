@@ -5,6 +5,8 @@ over a batch state (a dict of batch-first tensors). A gated step decides its kee
 then computes only the kept channels. Samples that keep the same number of channels run
 together (one batched/grouped op per layer); when a gated layer's counts differ across the
 batch, the batch splits into groups of equal counts, each running on by itself.
+A step whose output has one shape whatever it keeps (`Step.merges`: DFS's blocks) runs each
+group and puts the batch back together, so the groups do not split the steps after it.
 `per_sample=True` runs every sample alone instead.
 
 Under the `threshold` policy a step that can zero channels (`Step.zero`) runs a batch in one
@@ -32,6 +34,23 @@ def rows_of(state: State, index: torch.Tensor) -> State:
     """The state of a subset of the batch; a tensor of one row is shared by the batch."""
     return {k: v[index] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] > 1 else v
             for k, v in state.items()}
+
+
+def merged(step: Step, state: State, keep: torch.Tensor, key: torch.Tensor) -> State:
+    """`step` run on each group of samples with equal `key`, the groups' states put back
+    together (a step that `merges`); a tensor the batch shares stays shared."""
+    batch, out = key.shape[0], {}
+    shared = {k for k, v in state.items() if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == 1}
+    for value in key.unique():
+        rows = (key == value).nonzero().flatten()
+        for k, v in step.apply(rows_of(state, rows), keep[rows]).items():
+            if not isinstance(v, torch.Tensor) or not v.dim() or k in shared:
+                out[k] = v
+                continue
+            if k not in out:
+                out[k] = v.new_empty(batch, *v.shape[1:])
+            out[k][rows] = v
+    return out
 
 
 def model_steps(model: GatedNetwork) -> list[Step]:
@@ -93,6 +112,10 @@ class CompactExecutor:
                         continue
                     key = step.key(keep) if keep.shape[0] > 1 else None
                     if key is not None and (key != key[0]).any():
+                        if step.merges:
+                            masks.append(keep)
+                            state, keep = merged(step, state, keep, key), None
+                            continue
                         logits, rest = self._split(state, plan, i, keep, key)
                         return logits, masks + rest
                 masks.append(keep)

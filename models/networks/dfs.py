@@ -273,7 +273,7 @@ class DFSBlock(nn.Module, Unit):
             return {"h": F.relu(h + self.branch(h, self.bits[level - 1], weights[level - 1]))}
         in_float = DFSKernel(self, None)  # one kernel for every level above 8 bits
         kernels = Kernels([None, *(DFSKernel(self, b) if b == INT8_BITS else in_float for b in self.bits)])
-        return [Step(apply, gate=lambda state: self.gate(state["h"]), kernels=kernels)]
+        return [Step(apply, gate=lambda state: self.gate(state["h"]), kernels=kernels, merges=True)]
 
 
 class DFSKernel(nn.Module):

@@ -233,3 +233,28 @@ def test_the_dense_baseline_compiles_whole():
     want = dense(x, budget=1.0)
     assert torch.allclose(logits, want, atol=1e-4 * want.abs().max().item())
     assert (info.cost.executed == dense.macs([], 32, 32).dense).all()
+
+
+def test_a_batch_regroups_by_level_at_every_block(model, images):
+    import copy
+
+    from models.engines.compact import CompactExecutor
+
+    executor = CompactExecutor(copy.deepcopy(model).double())  # float64: no rounding flips
+    images = images.double()
+    calls = []
+    for step in executor.steps:
+        if step.gate is not None:
+            def counted(state, keep, apply=step.apply, index=step.gated_index):
+                calls.append((index, keep.shape[0]))
+                return apply(state, keep)
+            step.apply = counted
+    budgets = torch.linspace(0.2, 1.0, images.shape[0])  # a budget per image: levels differ
+    logits, info = executor(images, budgets, "threshold", return_info=True)
+    levels = [mask.sum(1) for mask in info.masks]
+    assert any(len(level.unique()) > 1 for level in levels)  # the batch splits...
+    for index, level in enumerate(levels):  # ...into one call a level, block by block
+        group_sizes = level.unique(return_counts=True)[1].tolist()
+        assert sorted(n for i, n in calls if i == index) == sorted(group_sizes)
+    alone = executor(images, budgets, "threshold", per_sample=True)
+    assert torch.allclose(logits, alone)
