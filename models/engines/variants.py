@@ -130,12 +130,12 @@ class VariantExecutor:
             return logits
         dense, executed, counts, level_masks = self._level_costs(*x.shape[-2:])
         final, escalated, probe = final.cpu(), escalated.cpu(), probe.cpu()
+        masks = [m[final] for m in level_masks]
+        if not self.levels:  # one dense variant: the network's own count (with its figures)
+            return logits, ForwardInfo(plan, masks, [], model.macs(masks, *x.shape[-2:], batch=batch))
         spent = torch.where(escalated, executed[probe], 0)
         cost = Cost(dense, executed[final] + spent, spent, counts[final], list(self.totals))
-        masks = [m[final] for m in level_masks]
-        if self.levels:
-            plan = model.level_plan(plan, final.to(x.device))
-        return logits, ForwardInfo(plan, masks, [], cost)
+        return logits, ForwardInfo(model.level_plan(plan, final.to(x.device)), masks, [], cost)
 
 
 def engine_name(executor) -> str:

@@ -233,6 +233,7 @@ def test_the_dense_baseline_compiles_whole():
     want = dense(x, budget=1.0)
     assert torch.allclose(logits, want, atol=1e-4 * want.abs().max().item())
     assert (info.cost.executed == dense.macs([], 32, 32).dense).all()
+    assert (dense.budget_ratio(info.cost) == 1).all()  # its BitOps, as training's evaluation reads
 
 
 def test_a_batch_regroups_by_level_at_every_block(model, images):
