@@ -157,7 +157,8 @@ class Tally:
 class ConvStem(Unit):
     """An ungated stem: h = forward(x), whose MACs are those of its convolution `conv`
     (groups 1), followed by a pooling of stride `pool` (1: none). `compact`: the function
-    the compact step runs instead of `forward` (the same result, a faster kernel)."""
+    the compact step runs instead of `forward` (the same result, a faster kernel). A
+    `forward` that is a module is also the step's kernel."""
 
     def __init__(self, conv: nn.Conv2d, forward, pool: int = 1, compact=None) -> None:
         self.conv, self.forward, self.pool = conv, forward, pool
@@ -178,7 +179,8 @@ class ConvStem(Unit):
     def steps(self) -> list[Step]:
         def apply(state: dict, keep) -> dict:  # a method's per-call data passes on
             return {k: v for k, v in state.items() if k != "x"} | {"h": self.compact(state["x"])}
-        return [Step(apply)]
+        module = self.forward if isinstance(self.forward, nn.Module) else None
+        return [Step(apply, kernels=module and Kernels([module], reads="x"))]
 
 
 def classifier_cost(tally: Tally, fc: nn.Linear) -> None:
@@ -192,12 +194,25 @@ class LinearHead(Unit):
 
     def __init__(self, fc: nn.Linear) -> None:
         self.fc = fc
+        self.module = PoolLinear(fc)
 
     def reference(self, state: dict, trace: Trace) -> dict:
-        return {"logits": self.fc(state["h"].mean((2, 3)))}
+        return {"logits": self.module(state["h"])}
 
     def cost(self, tally: Tally) -> None:
         tally.add(self.fc.in_features * self.fc.out_features)
 
     def steps(self) -> list[Step]:
-        return [Step(lambda state, keep: self.reference(state, None))]
+        return [Step(lambda state, keep: self.reference(state, None),
+                     kernels=Kernels([self.module], writes="logits"))]
+
+
+class PoolLinear(nn.Module):
+    """fc(global average pool of h): a linear head as a module."""
+
+    def __init__(self, fc: nn.Linear) -> None:
+        super().__init__()
+        self.fc = fc
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.fc(h.mean((2, 3)))

@@ -28,26 +28,49 @@ class Bundle(nn.Module):
         return tuple(part(x) for part, x in zip(self.parts, inputs, strict=True))
 
 
-def openvino_requests(modules: list[nn.Module], shapes: list[tuple[int, ...]], precision: str,
-                      threads: int) -> list:
-    """An infer request per module, compiled by OpenVINO for the CPU: input (batch, *shape)
-    with a dynamic batch, in `precision` ("bf16" or "f32"; FakeQuantize ops run in int8).
+def openvino_models(modules: list[nn.Module], shapes: list[tuple[int, ...]]) -> list:
+    """Each module converted to an OpenVINO model with input (batch, *shape), a dynamic batch.
     The modules convert as one graph (a conversion costs about a second however small the
     module), which splits into a model per module."""
     import openvino as ov
 
-    config = {"INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": threads,
-              "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
     with warnings.catch_warnings(), torch.no_grad():  # the converter traces with torch.jit
         warnings.simplefilter("ignore", FutureWarning)  # (deprecated), which warns of every
         warnings.simplefilter("ignore", torch.jit.TracerWarning)  # Python branch it fixes
         example = tuple(torch.zeros(1, *s) for s in shapes)
         graph = ov.convert_model(Bundle(modules).eval(), example_input=example,
                                  input=[ov.PartialShape([-1, *s]) for s in shapes])
-    core = ov.Core()
     parts = zip(graph.get_results(), graph.get_parameters(), strict=True)
-    return [core.compile_model(ov.Model([result], [parameter]), "CPU", config).create_infer_request()
-            for result, parameter in parts]
+    return [ov.Model([result], [parameter]) for result, parameter in parts]
+
+
+def chained(models: list):
+    """One OpenVINO model running `models` in sequence, each on the one before's output."""
+    import openvino as ov
+
+    first = models[0].clone()
+    out = first.get_results()[0].input_value(0)
+    for model in models[1:]:
+        part = model.clone()
+        part.get_parameters()[0].output(0).replace(out)
+        out = part.get_results()[0].input_value(0)
+    return ov.Model([out], first.get_parameters())
+
+
+def compiled_request(model, precision: str, threads: int):
+    """An infer request of an OpenVINO model compiled for the CPU in `precision` ("bf16" or
+    "f32"; FakeQuantize ops run in int8)."""
+    import openvino as ov
+
+    config = {"INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": threads,
+              "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
+    return ov.Core().compile_model(model, "CPU", config).create_infer_request()
+
+
+def openvino_requests(modules: list[nn.Module], shapes: list[tuple[int, ...]], precision: str,
+                      threads: int) -> list:
+    """An infer request per module (`openvino_models`, `compiled_request`)."""
+    return [compiled_request(m, precision, threads) for m in openvino_models(modules, shapes)]
 
 
 def openvino_infer(request, x: torch.Tensor) -> torch.Tensor:

@@ -42,5 +42,15 @@ def build_resnet(net: nn.Module, blocks: tuple[int, ...], widths: tuple[int, ...
 def resnet_units(net: nn.Module) -> list[Unit]:
     """The units of a CIFAR ResNet whose blocks are units: the stem (conv -> BN -> ReLU), the
     blocks, the linear head on the global average pool."""
-    stem = ConvStem(net.stem, lambda x: F.relu(net.stem_bn(net.stem(x))))
-    return [stem, *net.blocks, LinearHead(net.fc)]
+    return [ConvStem(net.stem, ResNetStem(net.stem, net.stem_bn)), *net.blocks, LinearHead(net.fc)]
+
+
+class ResNetStem(nn.Module):
+    """conv -> BN -> ReLU, as a module."""
+
+    def __init__(self, conv: nn.Conv2d, bn: nn.Module) -> None:
+        super().__init__()
+        self.conv, self.bn = conv, bn
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)))

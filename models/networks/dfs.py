@@ -260,8 +260,7 @@ class DFSBlock(nn.Module, Unit):
         with weights quantized once (the operations of the reference: the same numbers).
         Kernels: the block at each level as a module (`DFSKernel`)."""
         if self.gate is None:
-            return [Step(lambda state, keep: {"h": self.full(state["h"])},
-                         kernels=Kernels([DFSKernel(self, None)]))]
+            return [Step(lambda state, keep: {"h": self.full(state["h"])}, kernels=Kernels(self.kernels()))]
         weights = [(quantize_weight(self.conv1.weight, b), quantize_weight(self.conv2.weight, b))
                    for b in self.bits]
 
@@ -271,9 +270,16 @@ class DFSBlock(nn.Module, Unit):
                 return state  # skipped: not computed
             h = state["h"]
             return {"h": F.relu(h + self.branch(h, self.bits[level - 1], weights[level - 1]))}
-        in_float = DFSKernel(self, None)  # one kernel for every level above 8 bits
-        kernels = Kernels([None, *(DFSKernel(self, b) if b == INT8_BITS else in_float for b in self.bits)])
-        return [Step(apply, gate=lambda state: self.gate(state["h"]), kernels=kernels, merges=True)]
+        return [Step(apply, gate=lambda state: self.gate(state["h"]), kernels=Kernels(self.kernels()),
+                     merges=True)]
+
+    def kernels(self) -> list[DFSKernel | None]:
+        """The block at each level as a module (`DFSKernel`; None: skipped), one float kernel
+        for every level above 8 bits; an ungated block: its one kernel."""
+        in_float = DFSKernel(self, None)
+        if self.gate is None:
+            return [in_float]
+        return [None, *(DFSKernel(self, b) if b == INT8_BITS else in_float for b in self.bits)]
 
 
 class DFSKernel(nn.Module):

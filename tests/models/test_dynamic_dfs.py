@@ -201,12 +201,12 @@ def test_openvino_runs_the_8_bit_level_in_int8_and_matches_the_reference():
     model, x = calibrated()
     served, reference = executor_for(model), CompactExecutor(model)
     assert engine_name(served) == "openvino-steps"
-    for levels in served.kernel_precisions()[:2]:  # a gated block (its levels), then a
-        if len(levels) == 4:                       # downsampling block (one kernel, float)
-            assert levels[0] == [] and set(levels[1]) <= {"u8", "i8"} and levels[1]
-            assert all(set(p) == {"f32"} for p in levels[2:])
-        else:
-            assert set(levels[0]) == {"f32"}
+    precisions = served.kernel_precisions()
+    assert len(precisions) == len(model.gated_blocks())
+    for levels in precisions:  # skipped, 8 bits in int8, 12 and 16 in float
+        assert levels[0] == [] and set(levels[1]) <= {"u8", "i8"} and levels[1]
+        assert all(set(p) == {"f32"} for p in levels[2:])
+    assert set(served.fixed) == {tuple(row) for row in model.table.counts}  # topk rows, whole
     for policy in ("topk", "threshold"):
         for budget in (0.3, 0.6, 1.0):
             logits, info = served(x, budget, policy, return_info=True)
@@ -216,6 +216,11 @@ def test_openvino_runs_the_8_bit_level_in_int8_and_matches_the_reference():
             if policy == "topk":  # the same levels: the same masks and BitOps
                 assert all(torch.equal(a, b) for a, b in zip(info.masks, want_info.masks, strict=True))
                 assert torch.equal(info.cost.bitops, want_info.cost.bitops)
+    served.compiled = None  # a topk batch of one configuration: one call of it compiled whole
+    logits, info = served(x, 0.6, "topk", return_info=True)
+    want, want_info = reference(x, 0.6, "topk", return_info=True)
+    assert (logits.argmax(1) == want.argmax(1)).float().mean() >= 0.9
+    assert torch.equal(info.cost.bitops, want_info.cost.bitops)
     other = torch.randn(2, 3, 40, 40)  # another input size: the torch steps
     assert torch.equal(served(other, 0.5), reference(other, 0.5))
 
