@@ -179,8 +179,8 @@ class ConvStem(Unit):
     def steps(self) -> list[Step]:
         def apply(state: dict, keep) -> dict:  # a method's per-call data passes on
             return {k: v for k, v in state.items() if k != "x"} | {"h": self.compact(state["x"])}
-        module = self.forward if isinstance(self.forward, nn.Module) else None
-        return [Step(apply, kernels=module and Kernels([module], reads="x"))]
+        kernels = Kernels([self.forward], reads="x") if isinstance(self.forward, nn.Module) else None
+        return [Step(apply, kernels=kernels)]
 
 
 def classifier_cost(tally: Tally, fc: nn.Linear) -> None:

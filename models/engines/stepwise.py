@@ -41,24 +41,18 @@ def has_kernels(model: GatedNetwork) -> bool:
 
 def input_shapes(model: GatedNetwork, steps: list[Step]) -> list[tuple[int, ...]]:
     """The (C, H, W) each step's kernels read at the network's input size (every gated step
-    at its widest)."""
-    size = model.input_size
+    at its widest; the steps numbered by a compact executor)."""
+    size, totals = model.input_size, model.gated_totals()
     x = torch.zeros(1, 3, size, size)
     state = model.compact_state(x, model.plan(1.0, "threshold", 1, x.device))
     shapes = []
     with torch.no_grad():
-        for step, total in zip(steps, step_totals(model, steps), strict=True):
+        for step in steps:
             reads = step.kernels.reads if step.kernels else "h"
             shapes.append(tuple(state[reads].shape[1:]) if reads in state else ())
-            keep = None if total is None else torch.ones(1, total, dtype=torch.bool)
+            keep = None if step.gate is None else torch.ones(1, totals[step.gated_index], dtype=torch.bool)
             state = step.apply(state, keep)
     return shapes
-
-
-def step_totals(model: GatedNetwork, steps: list[Step]) -> list[int | None]:
-    """Each step's gated channel count (None: ungated)."""
-    totals = iter(model.gated_totals())
-    return [None if step.gate is None else next(totals) for step in steps]
 
 
 def compiled_step(step: Step, requests: list) -> Step:

@@ -212,10 +212,11 @@ class DFSBlock(nn.Module, Unit):
                 w2 = quantize_weight(w2, bits)
         return self.bn2(F.conv2d(h, w2, None, 1, 1))
 
-    def full(self, x: torch.Tensor) -> torch.Tensor:
-        """An ungated block: the branch at `fixed_bits` (full precision if None) + shortcut."""
+    def full(self, x: torch.Tensor, bits: int | None = None) -> torch.Tensor:
+        """The block, branch + shortcut, with the branch at `bits` (None: at `fixed_bits`,
+        full precision where that is None too)."""
         short = x if self.shortcut is None else self.shortcut(x)
-        return F.relu(self.branch(x, self.fixed_bits) + short)
+        return F.relu(self.branch(x, self.fixed_bits if bits is None else bits) + short)
 
     def gated_layers(self) -> list[tuple[int, int]]:
         return [] if self.gate is None else [(len(self.bits), 1)]
@@ -293,9 +294,7 @@ class DFSKernel(nn.Module):
         self.block, self.bits = block, bits
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        block = self.block
-        short = x if block.shortcut is None else block.shortcut(x)
-        return F.relu(block.branch(x, self.bits) + short)
+        return self.block.full(x, self.bits)
 
 
 class DFSResNet(GatedNetwork):
